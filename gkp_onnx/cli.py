@@ -1,0 +1,188 @@
+"""The gkp-onnx command line: parses arguments and calls the library; no algorithm lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gkp_onnx.errors import GkpError
+
+
+def _input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME:D0,D1,... with positive dims, got {text!r}")
+    return name, shape
+
+
+def _groups(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
+def _add_shapes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME:D0,D1,..",
+                        help="concrete shape for an input with dynamic dims (repeatable); "
+                             "a dynamic batch dim defaults to 1")
+
+
+def _add_thresholds(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fidelity thresholds (exit code 1 when missed)")
+    group.add_argument("--max-abs-diff", type=float)
+    group.add_argument("--min-cosine", type=float)
+    group.add_argument("--min-top1-agreement", type=float, help="fraction in [0, 1]")
+
+
+def _add_pruning(parser: argparse.ArgumentParser) -> None:
+    from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT
+    from gkp_onnx.passes.select_kernels import SELECTION_METHODS
+
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--ratio", type=float, default=0.4375,
+                       help="share of input channels each filter group drops, in [0, 1) (default 0.4375)")
+    group.add_argument("--groups", type=_groups, default=None, metavar="auto|N",
+                       help="group count for every layer, or 'auto' to choose per layer (default)")
+    group.add_argument("--method", default="leanflex", choices=SELECTION_METHODS)
+    group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                       help="leave Convs whose node or weight name matches dense (repeatable)")
+    group.add_argument("--include-stem", action="store_true", help="also prune the stem Conv")
+    group.add_argument("--min-group-width", type=int, default=8,
+                       help="smallest output channels per group considered by auto (default 8)")
+    group.add_argument("--speed-weight", type=float, default=DEFAULT_SPEED_WEIGHT,
+                       help=f"weight of estimated latency vs kept importance in the auto choice "
+                            f"(default {DEFAULT_SPEED_WEIGHT})")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    from gkp_onnx.validate import Thresholds
+
+    return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
+                include_stem=args.include_stem, min_group_width=args.min_group_width,
+                speed_weight=args.speed_weight, seed=args.seed,
+                input_shapes=dict(getattr(args, "input_shape", [])),
+                thresholds=Thresholds(getattr(args, "max_abs_diff", None), getattr(args, "min_cosine", None),
+                                      getattr(args, "min_top1_agreement", None)))
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from gkp_onnx.model_io import check_output_path, save_model
+    from gkp_onnx.optimize import optimize
+
+    out = check_output_path(args.input, args.output)
+    optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, **_options(args))
+    save_model(optimized, out)
+    if args.report:
+        report.save(args.report)
+    if args.save_plan:
+        report.plan.save(args.save_plan)
+    print(report.table())
+    print(f"wrote {out}")
+    return 0 if report.passed else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from gkp_onnx.inspect import inspect_model
+
+    print(inspect_model(args.model, dict(args.input_shape), include_stem=args.include_stem))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.model_io import load_model
+    from gkp_onnx.validate import RANDOM_BATCH, Thresholds, compare, load_dataset, random_dataset
+
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    specs = input_specs(reference, dict(args.input_shape))
+    data = load_dataset(args.data, specs) if args.data else random_dataset(specs, args.seed, RANDOM_BATCH)
+    result = compare(reference, candidate, data)
+    for output in result.outputs:
+        top1 = f"  top-1 agreement {100 * output.top1_agreement:.2f}%" if output.top1_agreement is not None else ""
+        print(f"{output.name}: max|diff| {output.max_abs_diff:.4g}  mean|diff| {output.mean_abs_diff:.4g}  "
+              f"cosine {output.cosine:.6f}{top1}")
+    if result.accuracy_reference is not None:
+        print(f"accuracy: {100 * result.accuracy_reference:.2f}% -> {100 * result.accuracy_candidate:.2f}% "
+              f"({result.samples} samples)")
+    failures = Thresholds(args.max_abs_diff, args.min_cosine, args.min_top1_agreement).failures(result)
+    print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
+    return 0 if not failures else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gkp_onnx.demo import run_demo
+
+    return run_demo(args.out_dir, **_options(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gkp-onnx", description="Grouped Kernel Pruning compiler for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="prune an ONNX model and validate the result")
+    p.add_argument("input")
+    p.add_argument("output")
+    _add_pruning(p)
+    _add_shapes(p)
+    p.add_argument("--calib", metavar="DATA.npz", help="inputs (and labels y) to validate on; else random inputs")
+    p.add_argument("--report", metavar="REPORT.json", help="write the report (with the plan) as JSON")
+    p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
+    p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")
+    _add_thresholds(p)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("inspect", help="per-layer table: op, shapes, MACs, params, prunable or why not")
+    p.add_argument("model")
+    p.add_argument("--include-stem", action="store_true")
+    _add_shapes(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compare", help="fidelity of a candidate model against a reference")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--data", metavar="DATA.npz", help="inputs (and labels y); else seeded random inputs")
+    p.add_argument("--seed", type=int, default=0)
+    _add_shapes(p)
+    _add_thresholds(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="optimize the built-in pretrained CIFAR-10 ResNet-56 and report")
+    p.add_argument("--out-dir", default="gkp-demo")
+    _add_pruning(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except GkpError as exc:
+        print(f"gkp-onnx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gkp-onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"gkp-onnx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

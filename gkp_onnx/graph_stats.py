@@ -1,0 +1,158 @@
+"""Shapes, MACs, parameters and op counts of an ONNX graph.
+
+Shapes come from onnx shape inference on a weight-free skeleton of the model whose graph
+inputs are made concrete (batch 1 unless the user says otherwise), so MACs are per sample.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from gkp_onnx.errors import GkpError
+
+MAC_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list[int]
+    dtype: np.dtype
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs, not initializers listed as inputs (old exporters)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> list[InputSpec]:
+    """Concrete shape and dtype of every graph input; a dynamic batch dim (axis 0) defaults to 1."""
+    input_shapes = input_shapes or {}
+    names = {i.name for i in graph_inputs(model)}
+    for name in input_shapes:
+        if name not in names:
+            raise GkpError(f"--input-shape names '{name}', which is not a model input ({', '.join(sorted(names))})")
+    specs = []
+    for value in graph_inputs(model):
+        tensor_type = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if value.name in input_shapes:
+            shape = list(input_shapes[value.name])
+            if len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape)):
+                raise GkpError(f"--input-shape {value.name}:{_fmt(shape)} does not match the model's "
+                               f"shape {_fmt(declared)}")
+        else:
+            shape = [1 if (axis == 0 and d is None) else d for axis, d in enumerate(declared)]
+            if any(d is None for d in shape):
+                raise GkpError(f"input '{value.name}' has dynamic dimensions {_fmt(declared)}; "
+                               f"give them with --input-shape {value.name}:{_fmt([d or 1 for d in declared])}")
+        specs.append(InputSpec(value.name, shape, np.dtype(dtype)))
+    return specs
+
+
+def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, list[int]]:
+    """Static shape of every tensor onnx can infer, for the given concrete inputs."""
+    skeleton = _skeleton(model)
+    del skeleton.graph.value_info[:]
+    by_name = {s.name: s for s in specs}
+    for value in skeleton.graph.input:
+        if value.name in by_name:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, by_name[value.name].shape):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_fold_constants(skeleton), strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises several types here; any of them means: no shapes
+        raise GkpError(f"onnx shape inference failed: {str(exc).splitlines()[0][:300]}") from None
+    shapes: dict[str, list[int]] = {}
+    graph = inferred.graph
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
+                and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose big initializers carry dims but no data: shape inference reads only dims."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for init in skeleton.graph.initializer:
+        if len(init.raw_data) > 4096:
+            init.ClearField("raw_data")
+    return skeleton
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate constant subgraphs (exporters compute pads and shapes with them) so that shape
+    inference sees their values; tensor names are kept, so the shapes map back to `model`."""
+    graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup()
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    """Multiply-accumulates of one Conv/Gemm/MatMul node, None when shapes are unknown."""
+    out = shapes.get(node.output[0])
+    if out is None:
+        return None
+    if node.op_type == "Conv":
+        weight = shapes.get(node.input[1])
+        return None if weight is None else int(np.prod(out) * np.prod(weight[1:]))
+    if node.op_type == "Gemm":
+        a = shapes.get(node.input[0])
+        if a is None:
+            return None
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        return int(np.prod(out) * (a[0] if trans_a else a[1]))
+    if node.op_type == "MatMul":
+        a = shapes.get(node.input[0])
+        return None if a is None else int(np.prod(out) * a[-1])
+    return None
+
+
+@dataclass
+class ModelStats:
+    params: int  # elements of floating-point initializers
+    macs: int  # Conv + Gemm + MatMul, per the given input shapes
+    op_counts: Counter
+    node_macs: dict[str, int | None]
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "op_counts": dict(sorted(self.op_counts.items()))}
+
+
+def model_stats(model: onnx.ModelProto, specs: list[InputSpec], shapes: dict | None = None) -> ModelStats:
+    shapes = shapes if shapes is not None else infer_shapes(model, specs)
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer
+                 if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
+    per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
+    return ModelStats(params=params, macs=sum(m or 0 for m in per_node.values()),
+                      op_counts=Counter(n.op_type for n in model.graph.node), node_macs=per_node)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (plans and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+def _fmt(shape) -> str:
+    return ",".join("?" if d is None else str(d) for d in shape)

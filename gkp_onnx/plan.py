@@ -1,0 +1,126 @@
+"""The plan: what the passes decided per layer, serialisable so it can be written, read and replayed.
+
+A `LayerPlan` describes one prunable Conv (weight W of shape [Co, Ci, kh, kw]):
+`groups[g]` lists the filters of group g (equal sizes d = Co / G) and `kept_channels[g]` the
+input channels that group keeps (the same count n for every group, sets may overlap).
+The grouped kernel W[f, j] survives iff j is in the kept set of f's group: `LayerPlan.mask()`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from gkp_onnx.errors import GkpError
+
+PLAN_FORMAT = "gkp-onnx-plan/1"
+
+
+@dataclass
+class Candidate:
+    """One group count considered for a layer and how the choice scored it."""
+
+    group_count: int
+    retained_importance: float  # share of the layer's weight energy (sum of W^2) kept
+    relative_cost: float  # estimated latency of the pruned layer / dense layer
+    score: float
+
+
+@dataclass
+class LayerPlan:
+    node: str
+    weight: str
+    out_channels: int
+    in_channels: int
+    kernel_shape: list[int]
+    macs: int  # dense MACs for one sample
+    kept_per_group: int  # n = round((1 - ratio) * Ci), at least 1
+    group_count: int | None = None
+    groups: list[list[int]] | None = None
+    kept_channels: list[list[int]] | None = None
+    retained_importance: float | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    # Groupings per candidate G, produced by the cluster pass; large and derivable: not serialised.
+    candidate_groups: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    def mask(self) -> np.ndarray:
+        """Boolean [Co, Ci]: True where the grouped kernel W[f, j] is kept."""
+        if self.groups is None or self.kept_channels is None:
+            raise ValueError(f"layer {self.node} has no kernel selection yet")
+        keep = np.zeros((self.out_channels, self.in_channels), dtype=bool)
+        for filters, channels in zip(self.groups, self.kept_channels):
+            keep[np.ix_(filters, channels)] = True
+        return keep
+
+    @property
+    def pruned_macs(self) -> int:
+        return self.macs * self.kept_per_group // self.in_channels
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate_groups"}
+        data["candidates"] = [asdict(c) for c in self.candidates]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerPlan:
+        data = dict(data)
+        data["candidates"] = [Candidate(**c) for c in data.get("candidates", [])]
+        return cls(**data)
+
+
+@dataclass
+class SkippedLayer:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    ratio: float
+    method: str
+    seed: int
+    layers: list[LayerPlan] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    def layer(self, node: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.node == node:
+                return layer
+        raise KeyError(node)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "ratio": self.ratio,
+            "method": self.method,
+            "seed": self.seed,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise GkpError(f"not a gkp-onnx plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        return cls(
+            ratio=data["ratio"],
+            method=data["method"],
+            seed=data["seed"],
+            layers=[LayerPlan.from_dict(layer) for layer in data["layers"]],
+            skipped=[SkippedLayer(**s) for s in data.get("skipped", [])],
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise GkpError(f"cannot read plan {path}: {exc}") from None
+        return cls.from_dict(data)

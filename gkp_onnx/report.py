@@ -1,0 +1,97 @@
+"""The optimize report: a before/after table for people and the same as JSON for tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gkp_onnx.graph_stats import ModelStats
+from gkp_onnx.plan import Plan
+from gkp_onnx.validate import Fidelity
+
+
+@dataclass
+class Report:
+    source: str
+    plan: Plan
+    before: ModelStats
+    after: ModelStats
+    fidelity: Fidelity | None = None
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "ratio": self.plan.ratio,
+            "method": self.plan.method,
+            "seed": self.plan.seed,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "layers": [
+                {"node": layer.node, "out_channels": layer.out_channels, "in_channels": layer.in_channels,
+                 "kernel_shape": layer.kernel_shape, "group_count": layer.group_count,
+                 "kept_per_group": layer.kept_per_group, "macs_before": layer.macs,
+                 "macs_after": layer.pruned_macs, "retained_importance": layer.retained_importance}
+                for layer in self.plan.layers],
+            "skipped": [{"node": s.node, "reason": s.reason} for s in self.plan.skipped],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "passed": self.passed,
+            "failures": self.failures,
+            "timings_s": self.timings,
+            "plan": self.plan.to_dict(),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON report atomically."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".gkp-report-", dir=path.resolve().parent)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+        os.replace(tmp, path)
+
+    def table(self, max_layers: int = 200) -> str:
+        lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
+                 f"seed {self.plan.seed}", ""]
+        width = max([len(layer.node) for layer in self.plan.layers] + [5])
+        lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "
+                     f"{'MACs':>9} {'-> MACs':>9} {'kept W^2':>8}")
+        for layer in self.plan.layers[:max_layers]:
+            kernel = "x".join(map(str, layer.kernel_shape))
+            retained = f"{layer.retained_importance:.3f}" if layer.retained_importance is not None else "-"
+            lines.append(f"{layer.node:<{width}}  {layer.out_channels:>5} {layer.in_channels:>5} {kernel:>6} "
+                         f"{layer.group_count:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
+                         f"{_si(layer.pruned_macs):>9} {retained:>8}")
+        if len(self.plan.layers) > max_layers:
+            lines.append(f"... {len(self.plan.layers) - max_layers} more layers (see --report)")
+        for skipped in self.plan.skipped:
+            lines.append(f"skipped {skipped.node}: {skipped.reason}")
+        lines += ["", f"{'':<12} {'before':>12} {'after':>12} {'after/before':>13}"]
+        rows = [("params", self.before.params, self.after.params), ("MACs", self.before.macs, self.after.macs)]
+        rows += [(f"{op} nodes", self.before.op_counts.get(op, 0), self.after.op_counts.get(op, 0))
+                 for op in ("Conv", "Gather")]
+        for label, before, after in rows:
+            ratio = f"{after / before:.3f}" if before else "-"
+            lines.append(f"{label:<12} {before:>12,} {after:>12,} {ratio:>13}")
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.fidelity:
+            lines.append("fidelity: " + self.fidelity.summary())
+        lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(int(value))

@@ -1,0 +1,212 @@
+"""Validation with onnxruntime: run two models on the same inputs and measure fidelity.
+
+Inputs come from a calibration/evaluation .npz (arrays keyed by input name, or `x` for a
+single-input model; optional labels `y`) or are seeded random tensors of the model's input
+shapes. Fidelity per output: max/mean absolute difference, cosine similarity, top-1 agreement
+(argmax over the last axis, for logits of rank 2 or 3), and accuracy when labels are given.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from gkp_onnx.errors import GkpError
+from gkp_onnx.graph_stats import InputSpec
+from gkp_onnx.model_io import is_large, save_model
+
+RANDOM_BATCH = 8
+RUN_BATCH = 64
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = "random"
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExecutionProvider",),
+                 threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        if is_large(model):
+            tmp = tempfile.mkdtemp(prefix="gkp-session-")
+            model = save_model(model, Path(tmp) / "model.onnx")
+        else:
+            model = model.SerializeToString()
+    else:
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise GkpError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = None) -> Dataset:
+    """Seeded random inputs: normal floats, small non-negative ints, random bools."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        shape = list(spec.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if spec.dtype.kind == "f":
+            inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            inputs[spec.name] = rng.integers(0, 8, size=shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            inputs[spec.name] = rng.random(shape) < 0.5
+        else:
+            raise GkpError(f"cannot make random data for input '{spec.name}' of type {spec.dtype}; give --calib")
+    return Dataset(inputs)
+
+
+def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch: bool = True) -> Dataset:
+    """Read an .npz and check its arrays against the model's inputs (every axis but the batch)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise GkpError(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from None
+    inputs = {}
+    for spec in specs:
+        if spec.name in arrays:
+            array = arrays[spec.name]
+        elif len(specs) == 1 and "x" in arrays:
+            array = arrays["x"]
+        else:
+            raise GkpError(f"data file {path} has no array for input '{spec.name}' "
+                           f"(it has: {', '.join(sorted(arrays))})")
+        if array.ndim != len(spec.shape) or list(array.shape[1:]) != list(spec.shape[1:]) \
+                or (not dynamic_batch and array.shape[0] != spec.shape[0]):
+            raise GkpError(f"data file {path}: array for input '{spec.name}' has shape {list(array.shape)}, "
+                           f"the model expects [N, {', '.join(map(str, spec.shape[1:]))}]")
+        if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise GkpError(f"data file {path}: array for input '{spec.name}' is {array.dtype}, "
+                           f"the model expects {spec.dtype}")
+        inputs[spec.name] = array.astype(spec.dtype, copy=False)
+    sizes = {len(a) for a in inputs.values()}
+    if len(sizes) != 1:
+        raise GkpError(f"data file {path}: input arrays have different lengths {sorted(sizes)}")
+    labels = arrays.get("y")
+    if labels is not None and len(labels) != sizes.pop():
+        raise GkpError(f"data file {path}: {len(labels)} labels for {len(next(iter(inputs.values())))} samples")
+    return Dataset(inputs, labels, source=str(path))
+
+
+def run_model(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH) -> list[np.ndarray]:
+    """All outputs over the whole dataset, run in batches (fixed-batch models: their batch)."""
+    fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    step = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    chunks = []
+    for start in range(0, len(data), step):
+        feed = {name: array[start:start + step] for name, array in data.inputs.items()}
+        chunks.append(session.run(None, feed))
+    return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
+
+
+@dataclass
+class OutputFidelity:
+    name: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    cosine: float
+    top1_agreement: float | None
+
+
+@dataclass
+class Fidelity:
+    samples: int
+    data: str
+    outputs: list[OutputFidelity] = field(default_factory=list)
+    accuracy_reference: float | None = None
+    accuracy_candidate: float | None = None
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(o.max_abs_diff for o in self.outputs)
+
+    @property
+    def min_cosine(self) -> float:
+        return min(o.cosine for o in self.outputs)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        return min(values) if values else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        text = f"max|diff| {self.max_abs_diff:.3g}  cosine {self.min_cosine:.6f}"
+        if self.top1_agreement is not None:
+            text += f"  top-1 agreement {100 * self.top1_agreement:.2f}%"
+        if self.accuracy_reference is not None:
+            text += (f"  accuracy {100 * self.accuracy_reference:.2f}% -> "
+                     f"{100 * self.accuracy_candidate:.2f}%")
+        return text + f"  ({self.samples} samples, {self.data})"
+
+
+def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str],
+             data: Dataset) -> Fidelity:
+    result = Fidelity(samples=len(data), data=data.source)
+    for name, ref, new in zip(names, reference, candidate):
+        if ref.shape != new.shape:
+            raise GkpError(f"output '{name}' changed shape: {list(ref.shape)} -> {list(new.shape)}")
+        ref64, new64 = ref.astype(np.float64).ravel(), new.astype(np.float64).ravel()
+        diff = np.abs(ref64 - new64)
+        denominator = np.linalg.norm(ref64) * np.linalg.norm(new64)
+        cosine = float(ref64 @ new64 / denominator) if denominator > 0 else float(np.array_equal(ref64, new64))
+        top1 = None
+        if ref.ndim in (2, 3) and ref.shape[-1] > 1:
+            top1 = float((ref.argmax(-1) == new.argmax(-1)).mean())
+        result.outputs.append(OutputFidelity(name, float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0,
+                                             cosine, top1))
+    if data.labels is not None and reference[0].ndim == 2:
+        result.accuracy_reference = float((reference[0].argmax(-1) == data.labels).mean())
+        result.accuracy_candidate = float((candidate[0].argmax(-1) == data.labels).mean())
+    return result
+
+
+def compare(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, data: Dataset,
+            providers=("CPUExecutionProvider",)) -> Fidelity:
+    """Run both models on `data` and measure how far the candidate's outputs are from the reference's."""
+    ref_session = make_session(reference, providers)
+    new_session = make_session(candidate, providers)
+    names = [o.name for o in ref_session.get_outputs()]
+    if names != [o.name for o in new_session.get_outputs()]:
+        raise GkpError(f"the models have different outputs: {names} vs "
+                       f"{[o.name for o in new_session.get_outputs()]}")
+    return fidelity(run_model(ref_session, data), run_model(new_session, data), names, data)
+
+
+@dataclass
+class Thresholds:
+    max_abs_diff: float | None = None
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+
+    def failures(self, result: Fidelity) -> list[str]:
+        missed = []
+        if self.max_abs_diff is not None and result.max_abs_diff > self.max_abs_diff:
+            missed.append(f"max abs diff {result.max_abs_diff:.3g} > {self.max_abs_diff:g}")
+        if self.min_cosine is not None and result.min_cosine < self.min_cosine:
+            missed.append(f"cosine {result.min_cosine:.6f} < {self.min_cosine:g}")
+        if self.min_top1_agreement is not None and result.top1_agreement is not None \
+                and result.top1_agreement < self.min_top1_agreement:
+            missed.append(f"top-1 agreement {result.top1_agreement:.4f} < {self.min_top1_agreement:g}")
+        return missed

@@ -1,0 +1,58 @@
+"""Export the benchmark-zoo models to ONNX (opset 17).
+
+    python -m gkp_onnx.models.export resnet56 out.onnx --weights resnet56-4bfd9763.th
+    python -m gkp_onnx.models.export resnet50 out.onnx
+
+The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
+and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
+engineers hand to gkp-onnx. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
+from gkp_onnx.models.resnet50 import resnet50
+
+OPSET = 17
+MODELS = sorted(DEPTHS) + ["resnet50"]
+
+
+def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The model in eval mode and its input shape for one sample."""
+    if name == "resnet50":
+        return resnet50(seed), (1, 3, 224, 224)
+    if weights:
+        return load_akamaster(name, weights), (1, 3, 32, 32)
+    torch.manual_seed(seed)
+    return cifar_resnet(name).eval(), (1, 3, 32, 32)
+
+
+def export(model: torch.nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:
+    model = model.eval()
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.zeros(input_shape),), str(path), opset_version=OPSET, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gkp_onnx.models.export", description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("output")
+    parser.add_argument("--weights", help="akamaster checkpoint (.th) for the CIFAR ResNets")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    args = parser.parse_args(argv)
+    model, shape = build(args.model, args.weights, args.seed)
+    print(export(model, shape, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""analyze: find every Conv that Grouped Kernel Pruning can rewrite, and say why the others not.
+
+Before: any ONNX model.
+After:  the model is unchanged; `plan.layers` holds one `LayerPlan` per prunable Conv (shapes,
+        dense MACs, n = kept input channels per group), `plan.skipped` every other Conv with the
+        reason.
+
+A Conv is prunable when all of these hold:
+- its weight (input 1) is a constant initializer read by this node only, its bias (if any) too;
+- group == 1 and the weight is 4-D (a 2-D convolution);
+- its name and its weight's name match none of the --exclude regexes;
+- it is not the stem: a Conv reading a graph input with <= 4 channels is skipped unless
+  `include_stem` (the prior art keeps the stem dense);
+- onnx shape inference knows its output shape (needed for MACs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import onnx
+
+from gkp_onnx.graph_stats import InputSpec, graph_inputs, infer_shapes, node_macs
+from gkp_onnx.pipeline import Pass, PassContractError, PassResult
+from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
+
+STEM_MAX_CHANNELS = 4
+
+
+def kept_per_group(in_channels: int, ratio: float) -> int:
+    """n = round((1 - ratio) * Ci), half rounded up, at least one channel."""
+    return max(1, int((1.0 - ratio) * in_channels + 0.5))
+
+
+class Analyze(Pass):
+    name = "analyze"
+
+    def __init__(self, specs: list[InputSpec], exclude: list[re.Pattern] = (), include_stem: bool = False):
+        self.specs = specs
+        self.exclude = list(exclude)
+        self.include_stem = include_stem
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        names = [n.name for n in model.graph.node]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise PassContractError("analyze needs unique node names (call ensure_node_names)")
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        shapes = infer_shapes(model, self.specs)
+        initializers = {t.name: t for t in model.graph.initializer}
+        readers = Counter(name for node in model.graph.node for name in node.input)
+        input_names = {i.name for i in graph_inputs(model)}
+        plan.layers, plan.skipped = [], []
+        for node in model.graph.node:
+            if node.op_type != "Conv":
+                continue
+            reason = self._skip_reason(node, initializers, readers, input_names, shapes)
+            if reason:
+                plan.skipped.append(SkippedLayer(node.name, node.op_type, reason))
+                continue
+            co, ci, *kernel = initializers[node.input[1]].dims
+            plan.layers.append(LayerPlan(
+                node=node.name, weight=node.input[1], out_channels=co, in_channels=ci,
+                kernel_shape=list(kernel), macs=node_macs(node, shapes),
+                kept_per_group=kept_per_group(ci, plan.ratio)))
+        return PassResult(model, plan, modified=False)
+
+    def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:
+        weight = node.input[1]
+        if weight not in initializers:
+            return "weight is not a constant initializer (computed at run time)"
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dims = list(initializers[weight].dims)
+        if group != 1:
+            return "depthwise Conv" if group == dims[0] and dims[1] == 1 else f"already grouped (group={group})"
+        if len(dims) != 4:
+            return f"{len(dims) - 2}-D convolution (only 2-D is rewritten)"
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
+            return "bias is not a constant initializer"
+        if readers[weight] > 1:
+            return f"weight '{weight}' is shared by {readers[weight]} nodes"
+        for pattern in self.exclude:
+            if pattern.search(node.name) or pattern.search(weight):
+                return f"excluded by --exclude '{pattern.pattern}'"
+        if not self.include_stem and node.input[0] in input_names and dims[1] <= STEM_MAX_CHANNELS:
+            return f"stem Conv on a {dims[1]}-channel graph input (kept dense; --include-stem prunes it)"
+        if node.output[0] not in shapes:
+            return "output shape unknown to onnx shape inference"
+        return None

@@ -1,0 +1,102 @@
+"""choose_groups: pick each layer's group count G among the clustered candidates.
+
+Before: every layer has `candidate_groups` (cluster).
+After:  the model is unchanged; every layer has `group_count`, `groups` and `candidates` (the
+        score of every G considered).
+
+Every candidate prunes the same MACs (the layer keeps n of Ci input channels whatever G is), so
+the choice trades what the pruned layer keeps against what it costs to run:
+
+    score(G) = R(G) - speed_weight * T(G)
+
+R(G): retained importance, the share of the layer's weight energy sum(W^2) held by the kernels
+      the selection method keeps with G groups (larger G = more freedom = more kept).
+T(G): the cost model's estimate of the pruned layer's latency relative to the dense layer.
+The highest score wins; a candidate within 1e-9 of it with a smaller G wins instead (the smaller
+G is simpler and never slower). speed_weight = 0 picks the most accurate form; a large
+speed_weight picks the fastest.
+
+Cost models are pluggable: anything with `relative_time(layer, group_count) -> float`. The
+default, `AnalyticCpuCost`, encodes onnxruntime-CPU measurements (see its docstring); a measured
+per-provider model plugs in here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gkp_onnx.pipeline import Pass, PassContractError, PassResult
+from gkp_onnx.plan import Candidate, LayerPlan, Plan
+from gkp_onnx.passes.select_kernels import kernel_scores, keep_top, retained_importance
+
+DEFAULT_SPEED_WEIGHT = 0.25
+
+
+class CostModel(Protocol):
+    def relative_time(self, layer: LayerPlan, group_count: int) -> float:
+        """Estimated latency of the layer pruned with `group_count` groups / the dense layer."""
+
+
+class AnalyticCpuCost:
+    """Gather + grouped Conv latency on onnxruntime CPU, relative to the dense Conv.
+
+    T(G) = (n / Ci) / efficiency(Co / G) + gather_cost * (G * n / Ci)   for G > 1
+    T(1) = n / Ci + gather_cost * (n / Ci)                               (a plain narrower Conv)
+
+    efficiency(c) is the fraction of the ideal speed-up a grouped Conv with c output channels per
+    group reaches on onnxruntime CPU (measured on the 2-core reference machine, DESIGN.md):
+    c >= 128: 0.96, 64: 0.88, 32: 0.85, 16: 0.59, 8: 0.35, 4: 0.14, interpolated in log2(c).
+    gather_cost is the channel Gather's time per gathered channel relative to the dense layer's
+    time per input channel (a memory copy vs kh*kw*Co MACs: small).
+    """
+
+    WIDTHS = np.array([4, 8, 16, 32, 64, 128])
+    EFFICIENCY = np.array([0.14, 0.35, 0.59, 0.85, 0.88, 0.96])
+
+    def __init__(self, gather_cost: float = 0.05):
+        self.gather_cost = gather_cost
+
+    def efficiency(self, channels_per_group: float) -> float:
+        return float(np.interp(np.log2(channels_per_group), np.log2(self.WIDTHS), self.EFFICIENCY))
+
+    def relative_time(self, layer: LayerPlan, group_count: int) -> float:
+        kept = layer.kept_per_group / layer.in_channels
+        if group_count == 1:
+            return kept + self.gather_cost * kept
+        width = layer.out_channels / group_count
+        return kept / self.efficiency(width) + self.gather_cost * group_count * kept
+
+
+class ChooseGroups(Pass):
+    name = "choose_groups"
+
+    def __init__(self, cost_model: CostModel | None = None, speed_weight: float = DEFAULT_SPEED_WEIGHT,
+                 method: str = "leanflex", seed: int = 0):
+        self.cost_model = cost_model or AnalyticCpuCost()
+        self.speed_weight = speed_weight
+        self.method = method
+        self.seed = seed
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        if any(not layer.candidate_groups for layer in plan.layers):
+            raise PassContractError("choose_groups needs the candidate groupings from cluster")
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        weights = {t.name: t for t in model.graph.initializer}
+        for layer in plan.layers:
+            weight = numpy_helper.to_array(weights[layer.weight])
+            layer.candidates = []
+            for g, groups in sorted(layer.candidate_groups.items()):
+                kept = keep_top(kernel_scores(weight, groups, self.method, self.seed), layer.kept_per_group)
+                retained = retained_importance(weight, groups, kept)
+                cost = self.cost_model.relative_time(layer, g)
+                layer.candidates.append(Candidate(g, retained, cost, retained - self.speed_weight * cost))
+            best = max(c.score for c in layer.candidates)
+            chosen = min(c.group_count for c in layer.candidates if c.score >= best - 1e-9)
+            layer.group_count = chosen
+            layer.groups = layer.candidate_groups[chosen]
+        return PassResult(model, plan, modified=False)

@@ -1,0 +1,103 @@
+"""cluster: split each prunable Conv's filters into G equal-size groups of similar filters.
+
+Before: `plan.layers` from analyze.
+After:  the model is unchanged; every layer has `candidate_groups[G]` for each candidate group
+        count G: G lists of d = Co / G filter indices, sorted, each filter in exactly one group.
+
+Balanced k-Means++ (LeanFlex-GKP): scikit-learn KMeans(init="k-means++") on the flattened filters
+W[f] in R^(Ci*kh*kw) gives G centroids; an exact equal-size assignment then solves
+    min sum_f ||W[f] - c_{g(f)}||^2   subject to |{f : g(f) = g}| = d for every g
+as a linear assignment of filters to G*d centroid slots (scipy linear_sum_assignment). Centroids
+are re-estimated from the balanced groups and the assignment repeated a few times (balanced
+Lloyd steps). Deterministic for a given seed.
+
+Candidate group counts are the divisors G of Co with Co / G >= `min_group_width` (output
+channels per group: below ~16 grouped convolutions run far from their ideal speed), or the one
+G the user forced with --groups.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.cluster import KMeans
+
+from gkp_onnx.errors import GkpError
+from gkp_onnx.pipeline import Pass, PassContractError, PassResult
+from gkp_onnx.plan import LayerPlan, Plan
+
+BALANCED_LLOYD_STEPS = 5
+
+
+def candidate_group_counts(layer: LayerPlan, min_group_width: int, forced: int | None = None) -> list[int]:
+    co = layer.out_channels
+    if forced is not None:
+        if forced < 1 or co % forced:
+            raise GkpError(f"--groups {forced} does not divide layer '{layer.node}' "
+                           f"({co} output channels)")
+        return [forced]
+    return [g for g in range(1, co + 1) if co % g == 0 and (co // g >= min_group_width or g == 1)]
+
+
+def balanced_kmeans(filters: np.ndarray, group_count: int, seed: int = 0) -> list[list[int]]:
+    """Equal-size groups of similar rows of `filters` [Co, D]; groups ordered by first member."""
+    co = filters.shape[0]
+    if co % group_count:
+        raise ValueError(f"{group_count} groups do not divide {co} filters")
+    size = co // group_count
+    if group_count == 1:
+        return [list(range(co))]
+    if group_count == co:
+        return [[f] for f in range(co)]
+    data = filters.astype(np.float64).reshape(co, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate filters: fewer distinct centres
+        centers = KMeans(n_clusters=group_count, init="k-means++", n_init=1,
+                         random_state=seed).fit(data).cluster_centers_
+    labels = None
+    for _ in range(BALANCED_LLOYD_STEPS):
+        slot_cost = np.repeat(cdist(data, centers, "sqeuclidean"), size, axis=1)  # [Co, G*d]
+        _, slots = linear_sum_assignment(slot_cost)
+        new_labels = slots // size
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        centers = np.stack([data[labels == g].mean(axis=0) for g in range(group_count)])
+    groups = [np.flatnonzero(labels == g).tolist() for g in range(group_count)]
+    return sorted(groups, key=lambda members: members[0])
+
+
+class ClusterFilters(Pass):
+    name = "cluster"
+
+    def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0):
+        self.min_group_width = min_group_width
+        self.forced_groups = forced_groups
+        self.seed = seed
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        if not plan.layers:
+            raise PassContractError("cluster needs the layers found by analyze")
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        weights = {t.name: t for t in model.graph.initializer}
+        for layer in plan.layers:
+            filters = numpy_helper.to_array(weights[layer.weight]).reshape(layer.out_channels, -1)
+            layer.candidate_groups = {
+                g: balanced_kmeans(filters, g, self.seed)
+                for g in candidate_group_counts(layer, self.min_group_width, self.forced_groups)}
+        return PassResult(model, plan, modified=False)
+
+    def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:
+        for layer in plan.layers:
+            for g, groups in layer.candidate_groups.items():
+                members = sorted(f for group in groups for f in group)
+                if len(groups) != g or members != list(range(layer.out_channels)) \
+                        or len({len(group) for group in groups}) != 1:
+                    raise PassContractError(f"cluster: layer {layer.node} G={g} is not a balanced partition")
