@@ -69,11 +69,16 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `model` atomically; models near protobuf's 2 GiB limit get an external data file."""
     out = Path(path).resolve()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".gkp-tmp-", dir=out.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".gkp-tmp-", dir=out.parent))
+    except OSError as exc:
+        raise GkpError(f"cannot write to {out.parent}: {exc.strerror}") from None
     try:
         written = _save(model, tmp_dir / out.name)
         for file in written:
             os.replace(file, out.parent / file.name)
+    except OSError as exc:
+        raise GkpError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
@@ -84,7 +89,9 @@ def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
         onnx.save_model(model, str(path))
         return [path]
     data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    copy = onnx.ModelProto()  # save_model moves the weights of the proto it is given out to the file
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
     return [path, path.parent / data_name]
 

@@ -41,16 +41,17 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExec
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    if isinstance(model, onnx.ModelProto):
-        if is_large(model):
-            tmp = tempfile.mkdtemp(prefix="gkp-session-")
-            model = save_model(model, Path(tmp) / "model.onnx")
-        else:
-            model = model.SerializeToString()
-    else:
-        model = str(model)
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        # too large for one protobuf: go through a file; the session holds the weights once created
+        with tempfile.TemporaryDirectory(prefix="gkp-session-") as tmp:
+            return _session(str(save_model(model, Path(tmp) / "model.onnx")), options, providers)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return _session(source, options, providers)
+
+
+def _session(source: bytes | str, options: ort.SessionOptions, providers) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, options, providers=list(providers))
+        return ort.InferenceSession(source, options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise GkpError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
 

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data, or a clean skip where the checkout has none."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{relative}")
+    return path
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def random_feed(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        shape = [d.dim_value or batch for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        feed[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def masked_reference(model: onnx.ModelProto, plan) -> onnx.ModelProto:
+    """The original graph with every pruned grouped kernel set to zero in the dense weight."""
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    layers = {layer.weight: layer for layer in plan.layers}
+    for init in reference.graph.initializer:
+        if init.name in layers:
+            weight = numpy_helper.to_array(init).copy()
+            weight[~layers[init.name].mask()] = 0
+            init.CopyFrom(numpy_helper.from_array(weight, init.name))
+    return reference

@@ -1,0 +1,142 @@
+"""Tiny ONNX models, one per graph topology that a channel rewrite can break.
+
+Every fixture takes an 8-channel input (more than the stem limit, so its first Conv is
+prunable) and returns a checked ModelProto at opset 17.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    def __init__(self, in_channels: int = 8, size: int = 10, dtype=np.float32, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.dtype = np.dtype(dtype)
+        self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.nodes, self.inits = [], []
+        self.input = helper.make_tensor_value_info("x", self.elem, ["batch", in_channels, size, size])
+        self.channels = {"x": in_channels}
+        self.count = 0
+
+    def _name(self, op: str) -> str:
+        self.count += 1
+        return f"{op.lower()}{self.count}"
+
+    def weight(self, name: str, shape) -> str:
+        scale = 1.0 / np.sqrt(np.prod(shape[1:]))
+        self.inits.append(numpy_helper.from_array((self.rng.standard_normal(shape) * scale).astype(self.dtype), name))
+        return name
+
+    def conv(self, x: str, out_channels: int, kernel=3, bias=True, group=1, weight: str | None = None,
+             **attrs) -> str:
+        name = self._name("conv")
+        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        if "pads" not in attrs and "auto_pad" not in attrs:  # "same" padding
+            dh, dw = attrs.get("dilations", [1, 1])
+            pad_h, pad_w = kernel[0] // 2 * dh, kernel[1] // 2 * dw
+            attrs["pads"] = [pad_h, pad_w, pad_h, pad_w]
+        if weight is None:
+            weight = self.weight(f"{name}.weight", [out_channels, self.channels[x] // group, *kernel])
+        inputs = [x, weight]
+        if bias:
+            inputs.append(self.weight(f"{name}.bias", [out_channels]))
+        self.nodes.append(helper.make_node("Conv", inputs, [name], name=name, group=group,
+                                           kernel_shape=list(kernel), **attrs))
+        self.channels[name] = out_channels
+        return name
+
+    def op(self, op_type: str, inputs: list[str], channels: int | None = None, **attrs) -> str:
+        name = self._name(op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        self.channels[name] = channels if channels is not None else self.channels[inputs[0]]
+        return name
+
+    def build(self, *outputs: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "fixture", [self.input], [], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        model.graph.output.extend(inferred[o] for o in outputs)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def chain(**kw) -> onnx.ModelProto:
+    b = GraphBuilder(**kw)
+    y = b.op("Relu", [b.conv("x", 16)])
+    return b.build(b.conv(y, 16))
+
+
+def residual() -> onnx.ModelProto:
+    b = GraphBuilder()
+    a = b.op("Relu", [b.conv("x", 16)])
+    c = b.conv(b.op("Relu", [b.conv(a, 16)]), 16)
+    return b.build(b.op("Relu", [b.op("Add", [a, c])]))
+
+
+def concat() -> onnx.ModelProto:
+    b = GraphBuilder()
+    left, right = b.conv("x", 16), b.conv("x", 8, kernel=1)
+    joined = b.op("Concat", [left, right], channels=24, axis=1)
+    return b.build(b.conv(joined, 16))
+
+
+def fan_out() -> onnx.ModelProto:
+    b = GraphBuilder()
+    shared = b.op("Relu", [b.conv("x", 16)])
+    return b.build(b.conv(shared, 16), b.conv(shared, 32, kernel=1))
+
+
+def no_bias() -> onnx.ModelProto:
+    b = GraphBuilder()
+    return b.build(b.conv(b.conv("x", 16, bias=False), 16, bias=False))
+
+
+def stride2() -> onnx.ModelProto:
+    b = GraphBuilder()
+    return b.build(b.conv(b.conv("x", 16, strides=[2, 2]), 32, strides=[2, 2]))
+
+
+def padding_variants() -> onnx.ModelProto:
+    b = GraphBuilder(size=11)
+    y = b.conv("x", 16, pads=[0, 1, 2, 1])
+    y = b.conv(y, 16, auto_pad="SAME_UPPER", strides=[2, 2])
+    return b.build(b.conv(y, 16, auto_pad="VALID"))
+
+
+def dilation() -> onnx.ModelProto:
+    b = GraphBuilder(size=12)
+    return b.build(b.conv(b.conv("x", 16, dilations=[2, 2]), 16, dilations=[2, 1]))
+
+
+def kernel_sizes() -> onnx.ModelProto:
+    b = GraphBuilder()
+    y = b.conv(b.conv(b.conv("x", 16, kernel=1), 16, kernel=3), 16, kernel=5)
+    return b.build(b.conv(y, 16, kernel=(1, 3)))
+
+
+def depthwise() -> onnx.ModelProto:
+    b = GraphBuilder()
+    y = b.conv("x", 16)
+    return b.build(b.conv(b.conv(y, 16, group=16), 16))
+
+
+def shared_weight() -> onnx.ModelProto:
+    b = GraphBuilder()
+    y = b.conv("x", 8)
+    weight = b.weight("shared.weight", [8, 8, 3, 3])
+    return b.build(b.conv(b.conv(y, 8, weight=weight, bias=False), 8, weight=weight, bias=False))
+
+
+def fp16() -> onnx.ModelProto:
+    return chain(dtype=np.float16)
+
+
+TOPOLOGIES = {
+    "chain": chain, "residual": residual, "concat": concat, "fan_out": fan_out, "no_bias": no_bias,
+    "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
+    "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
+}

@@ -1,0 +1,150 @@
+"""The command line: happy paths, and one-line errors with exit code 2 for every kind of bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from fixtures import TOPOLOGIES
+
+from gkp_onnx.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(TOPOLOGIES["residual"](), path)
+    return path
+
+
+def error_of(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gkp-onnx: error: "), err
+    return lines[0]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_optimize_writes_model_report_and_plan_and_leaves_input_alone(model_path, tmp_path, capsys):
+    before = digest(model_path)
+    out, report, plan = tmp_path / "out.onnx", tmp_path / "report.json", tmp_path / "plan.json"
+    code = main(["optimize", str(model_path), str(out), "--ratio", "0.5", "--report", str(report),
+                 "--save-plan", str(plan)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert digest(model_path) == before
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["after"]["macs"] < data["before"]["macs"]
+    assert len(data["layers"]) == 3 and data["plan"]["layers"][0]["kept_channels"]
+    assert "PASSED" in stdout and "MACs" in stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gkp-")]  # no temp files left
+
+    replayed = tmp_path / "replayed.onnx"
+    assert main(["optimize", str(model_path), str(replayed), "--plan", str(plan)]) == 0
+    assert onnx.load(replayed).graph == onnx.load(out).graph
+
+
+def test_threshold_missed_gives_exit_code_1(model_path, tmp_path, capsys):
+    code = main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--max-abs-diff", "1e-9"])
+    assert code == 1
+    assert "FAILED: max abs diff" in capsys.readouterr().out
+
+
+def test_compare_and_inspect(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    main(["optimize", str(model_path), str(out), "--ratio", "0"])
+    capsys.readouterr()
+    assert main(["compare", str(model_path), str(out), "--max-abs-diff", "1e-4"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((5, 8, 10, 10)).astype(np.float32))
+    assert main(["compare", str(model_path), str(out), "--data", str(data)]) == 0
+    assert main(["inspect", str(model_path)]) == 0
+    text = capsys.readouterr().out
+    assert "prunable (GKP)" in text and "total:" in text
+
+
+def test_missing_file(capsys, tmp_path):
+    assert "no such file" in error_of(capsys, ["optimize", str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx")])
+
+
+def test_not_an_onnx_file(capsys, tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\n" * 10)
+    assert "ONNX" in error_of(capsys, ["inspect", str(path)])
+
+
+def test_truncated_file(capsys, tmp_path, model_path):
+    data = model_path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    assert "ONNX" in error_of(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
+
+
+def test_nothing_to_optimize(capsys, tmp_path):
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])], [w])
+    path = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert "nothing to optimize" in error_of(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
+
+
+def test_output_equals_input(capsys, model_path):
+    before = digest(model_path)
+    assert "input path" in error_of(capsys, ["optimize", str(model_path), str(model_path)])
+    assert digest(model_path) == before
+
+
+def test_output_directory_missing_or_unwritable(capsys, model_path, tmp_path, monkeypatch):
+    assert "does not exist" in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "no" / "o.onnx")])
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # root can write anywhere: simulate
+    assert "not writable" in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx")])
+
+
+@pytest.mark.parametrize("ratio", ["-0.1", "1.0", "1.5"])
+def test_ratio_out_of_range(capsys, model_path, tmp_path, ratio):
+    assert "--ratio must be in [0, 1)" in error_of(
+        capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--ratio", ratio])
+
+
+def test_groups_not_dividing_names_the_layer(capsys, model_path, tmp_path):
+    message = error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--groups", "3"])
+    assert "--groups 3 does not divide layer 'conv1' (16 output channels)" in message
+
+
+def test_bad_exclude_regex(capsys, model_path, tmp_path):
+    assert "not a valid regular expression" in error_of(
+        capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--exclude", "conv[1"])
+
+
+@pytest.mark.parametrize("arrays,expected", [
+    ({"x": np.zeros((4, 3, 10, 10), np.float32)}, "has shape [4, 3, 10, 10]"),
+    ({"images": np.zeros((4, 8, 10, 10), np.float32)}, "no array for input 'x'"),
+    ({"x": np.zeros((4, 8, 10, 10), np.int32)}, "the model expects float32"),
+])
+def test_calibration_data_not_matching(capsys, model_path, tmp_path, arrays, expected):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **arrays)
+    assert expected in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"),
+                                         "--calib", str(data)])
+
+
+def test_console_script_exit_code_and_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gkp_onnx.cli", "inspect", str(tmp_path / "missing.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"gkp-onnx: error: no such file: {tmp_path / 'missing.onnx'}"]

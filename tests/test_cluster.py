@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from gkp_onnx.errors import GkpError
+from gkp_onnx.passes.cluster import balanced_kmeans, candidate_group_counts
+from gkp_onnx.plan import LayerPlan
+
+
+def planted(groups=4, size=8, dim=18, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((groups, dim)) * 10
+    labels = rng.permutation(np.repeat(np.arange(groups), size))
+    return centres[labels] + rng.standard_normal((groups * size, dim)) * 0.1, labels
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 8, 32])
+def test_balanced_partition(g):
+    filters, _ = planted()
+    groups = balanced_kmeans(filters, g, seed=0)
+    assert len(groups) == g and {len(x) for x in groups} == {32 // g}
+    assert sorted(f for x in groups for f in x) == list(range(32))
+    assert all(x == sorted(x) for x in groups)
+
+
+def test_recovers_planted_clusters():
+    filters, labels = planted()
+    groups = balanced_kmeans(filters, 4, seed=0)
+    assert all(len(set(labels[x])) == 1 for x in groups)
+
+
+def test_balances_unequal_clusters():
+    # 12 filters near one centre, 4 near another: 2 groups of 8 must still come out
+    rng = np.random.default_rng(1)
+    filters = np.concatenate([rng.standard_normal((12, 9)) + 5, rng.standard_normal((4, 9)) - 5])
+    groups = balanced_kmeans(filters, 2, seed=0)
+    assert [len(x) for x in groups] == [8, 8]
+    assert set(range(12, 16)) <= set(groups[1]) or set(range(12, 16)) <= set(groups[0])
+
+
+def test_deterministic_for_a_seed():
+    filters, _ = planted(seed=3)
+    assert balanced_kmeans(filters, 4, seed=7) == balanced_kmeans(filters, 4, seed=7)
+
+
+def test_candidates_respect_width_floor_and_forced_groups():
+    layer = LayerPlan("conv", "w", out_channels=64, in_channels=64, kernel_shape=[3, 3], macs=0, kept_per_group=36)
+    assert candidate_group_counts(layer, min_group_width=16) == [1, 2, 4]
+    assert candidate_group_counts(layer, min_group_width=8, forced=16) == [16]
+    with pytest.raises(GkpError, match="--groups 3 does not divide layer 'conv' \\(64 output channels\\)"):
+        candidate_group_counts(layer, 8, forced=3)

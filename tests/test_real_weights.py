@@ -1,0 +1,31 @@
+"""Real pretrained CIFAR-10 ResNets from ../shared/data (skipped where it is absent)."""
+
+import numpy as np
+import pytest
+
+from conftest import masked_reference, run, shared_file
+
+from gkp_onnx import optimize
+from gkp_onnx.model_io import load_model
+from gkp_onnx.models.cifar_resnet import preprocess
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+@pytest.mark.parametrize("groups", [None, 4])
+def test_real_resnet_exact_vs_masked_dense_and_top1(name, groups):
+    path = shared_file(f"cifar10-resnet-akamaster/derived_onnx/{name}_cifar10.onnx")
+    images = np.load(shared_file("cifar10/cifar10_test_exact_first932.npz"))
+    x, y = preprocess(images["x"]), images["y"]
+    model = load_model(path)
+    optimized, report = optimize(model, ratio=0.4375, groups=groups, validate=False)
+    assert len(report.plan.layers) == {"resnet20": 18, "resnet56": 54}[name]  # every stage conv, not the stem
+    assert report.after.macs / report.before.macs == pytest.approx(0.564, abs=0.01)
+
+    pruned = run(optimized, {"input": x})[0]
+    reference = run(masked_reference(model, report.plan), {"input": x})[0]
+    np.testing.assert_allclose(pruned, reference, rtol=1e-4, atol=1e-4)
+    dense = run(model, {"input": x})[0]
+    dense_acc, pruned_acc = (dense.argmax(1) == y).mean(), (pruned.argmax(1) == y).mean()
+    print(f"\n{name} G={groups or 'auto'} ratio 0.4375 one-shot top-1 on {len(y)} exact-pixel images: "
+          f"dense {100 * dense_acc:.2f}% -> pruned {100 * pruned_acc:.2f}%")
+    assert dense_acc == pytest.approx({"resnet20": 0.9163, "resnet56": 0.9260}[name], abs=1e-3)

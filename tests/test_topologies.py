@@ -1,0 +1,80 @@
+"""Exactness of the whole GKP pipeline on one fixture per graph topology.
+
+At ratio 0 the optimized model equals the original; at ratio > 0 it equals the original with
+the pruned grouped kernels zeroed in the dense weights. Every optimized model passes
+onnx.checker and loads in onnxruntime.
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import masked_reference, random_feed, run
+from fixtures import TOPOLOGIES
+
+from gkp_onnx import optimize
+
+PRUNABLE = [name for name in TOPOLOGIES if name not in ("depthwise", "shared_weight")]
+
+
+def tolerance(model: onnx.ModelProto) -> dict:
+    # fp16 keeps ~3 significant digits; the grouped form sums in another order.
+    fp16 = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    return dict(rtol=2e-2, atol=2e-2) if fp16 else dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("topology", PRUNABLE)
+def test_ratio_zero_is_lossless(topology, groups):
+    model = TOPOLOGIES[topology]()
+    optimized, report = optimize(model, ratio=0.0, groups=groups, min_group_width=1)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert report.plan.layers, "the fixture must have something to rewrite"
+    assert all(layer.kept_per_group == layer.in_channels for layer in report.plan.layers)
+    feed = random_feed(model)
+    for expected, actual in zip(run(model, feed), run(optimized, feed)):
+        np.testing.assert_allclose(actual, expected, **tolerance(model))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+@pytest.mark.parametrize("topology", PRUNABLE)
+def test_pruned_equals_masked_dense(topology, groups):
+    model = TOPOLOGIES[topology]()
+    optimized, report = optimize(model, ratio=0.5, groups=groups, min_group_width=1)
+    onnx.checker.check_model(optimized, full_check=True)
+    feed = random_feed(model)
+    pruned = run(optimized, feed)
+    for expected, actual in zip(run(masked_reference(model, report.plan), feed), pruned):
+        np.testing.assert_allclose(actual, expected, **tolerance(model))
+    # and the pruning really changed the function
+    assert any(not np.allclose(a, b) for a, b in zip(run(model, feed), pruned))
+
+
+def test_auto_group_count_is_exact_on_every_topology():
+    for name in PRUNABLE:
+        model = TOPOLOGIES[name]()
+        optimized, report = optimize(model, ratio=0.4375)
+        feed = random_feed(model)
+        for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(optimized, feed)):
+            np.testing.assert_allclose(actual, expected, **tolerance(model))
+
+
+@pytest.mark.parametrize("topology,reason", [("depthwise", "depthwise"), ("shared_weight", "shared by 2 nodes")])
+def test_unsupported_convs_are_skipped_and_untouched(topology, reason):
+    model = TOPOLOGIES[topology]()
+    optimized, report = optimize(model, ratio=0.5, groups=1)
+    assert any(reason in s.reason for s in report.plan.skipped)
+    skipped = {s.node for s in report.plan.skipped}
+    before = {n.name: n for n in model.graph.node if n.name in skipped}
+    after = {n.name: n for n in optimized.graph.node if n.name in skipped}
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].input == after[name].input and before[name].attribute == after[name].attribute
+
+
+def test_fp16_weights_stay_fp16():
+    model = TOPOLOGIES["fp16"]()
+    optimized, report = optimize(model, ratio=0.5, groups=2, min_group_width=1)
+    conv_weights = {n.input[1] for n in optimized.graph.node if n.op_type == "Conv"}
+    dtypes = {t.data_type for t in optimized.graph.initializer if t.name in conv_weights}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
