@@ -90,8 +90,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         if not plan.layers:
             reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "the model has no Conv"
             raise GkpError(f"nothing to optimize: no Conv the GKP passes can prune ({reasons})")
-        passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed),
-                  ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed),
+        choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
+        passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
+                  choose,
                   SelectKernels(opts.method, opts.seed),
                   RewriteConv()]
     optimized, plan = run_passes(passes, working, plan)

@@ -16,6 +16,11 @@ The highest score wins; a candidate within 1e-9 of it with a smaller G wins inst
 G is simpler and never slower). speed_weight = 0 picks the most accurate form; a large
 speed_weight picks the fastest.
 
+Candidates that cannot win are not clustered at all: whatever the grouping, each filter keeps n
+of its Ci kernels, so R(G) <= R_max = share of energy in every filter's n strongest kernels, and
+a G with R_max - speed_weight * T(G) below score(1) is dropped (`viable_group_counts`). The choice
+is the same as with every candidate clustered; it only skips work (the big k-Means runs).
+
 Cost models are pluggable: anything with `relative_time(layer, group_count) -> float`. The
 default, `AnalyticCpuCost`, encodes onnxruntime-CPU measurements (see its docstring); a measured
 per-provider model plugs in here.
@@ -71,6 +76,13 @@ class AnalyticCpuCost:
         return kept / self.efficiency(width) + self.gather_cost * group_count * kept
 
 
+def max_retained_importance(weight: np.ndarray, kept_per_filter: int) -> float:
+    """Upper bound of R(G) for any grouping: every filter keeps its n strongest kernels."""
+    energy = (weight.astype(np.float64) ** 2).sum(axis=(2, 3))
+    total = energy.sum()
+    return 1.0 if total == 0 else float(-np.sort(-energy, axis=1)[:, :kept_per_filter].sum() / total)
+
+
 class ChooseGroups(Pass):
     name = "choose_groups"
 
@@ -81,6 +93,22 @@ class ChooseGroups(Pass):
         self.method = method
         self.seed = seed
 
+    def _evaluate(self, layer: LayerPlan, weight: np.ndarray, group_count: int,
+                  groups: list[list[int]]) -> Candidate:
+        kept = keep_top(kernel_scores(weight, groups, self.method, self.seed), layer.kept_per_group)
+        retained = retained_importance(weight, groups, kept)
+        cost = self.cost_model.relative_time(layer, group_count)
+        return Candidate(group_count, retained, cost, retained - self.speed_weight * cost)
+
+    def viable_group_counts(self, layer: LayerPlan, weight: np.ndarray, counts: list[int]) -> list[int]:
+        """The counts whose best possible score reaches the score of G = 1 (others cannot win)."""
+        if 1 not in counts or len(counts) == 1:
+            return counts
+        baseline = self._evaluate(layer, weight, 1, [list(range(layer.out_channels))]).score
+        bound = max_retained_importance(weight, layer.kept_per_group)
+        return [g for g in counts
+                if g == 1 or bound - self.speed_weight * self.cost_model.relative_time(layer, g) >= baseline - 1e-9]
+
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         if any(not layer.candidate_groups for layer in plan.layers):
             raise PassContractError("choose_groups needs the candidate groupings from cluster")
@@ -89,12 +117,10 @@ class ChooseGroups(Pass):
         weights = {t.name: t for t in model.graph.initializer}
         for layer in plan.layers:
             weight = numpy_helper.to_array(weights[layer.weight])
-            layer.candidates = []
-            for g, groups in sorted(layer.candidate_groups.items()):
-                kept = keep_top(kernel_scores(weight, groups, self.method, self.seed), layer.kept_per_group)
-                retained = retained_importance(weight, groups, kept)
-                cost = self.cost_model.relative_time(layer, g)
-                layer.candidates.append(Candidate(g, retained, cost, retained - self.speed_weight * cost))
+            layer.candidates = [self._evaluate(layer, weight, g, groups)
+                                for g, groups in sorted(layer.candidate_groups.items())]
+            if not layer.candidates:
+                raise PassContractError(f"choose_groups: no candidate for layer {layer.node}")
             best = max(c.score for c in layer.candidates)
             chosen = min(c.group_count for c in layer.candidates if c.score >= best - 1e-9)
             layer.group_count = chosen

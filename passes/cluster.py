@@ -13,12 +13,14 @@ Lloyd steps). Deterministic for a given seed.
 
 Candidate group counts are the divisors G of Co with Co / G >= `min_group_width` (output
 channels per group: below ~16 grouped convolutions run far from their ideal speed), or the one
-G the user forced with --groups.
+G the user forced with --groups; the choice pass may drop candidates it can prove it would not
+pick (`viable`), so they are never clustered.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -32,7 +34,7 @@ from gkp_onnx.errors import GkpError
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 
-BALANCED_LLOYD_STEPS = 5
+BALANCED_LLOYD_STEPS = 3
 
 
 def candidate_group_counts(layer: LayerPlan, min_group_width: int, forced: int | None = None) -> list[int]:
@@ -76,10 +78,13 @@ def balanced_kmeans(filters: np.ndarray, group_count: int, seed: int = 0) -> lis
 class ClusterFilters(Pass):
     name = "cluster"
 
-    def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0):
+    def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0,
+                 viable: Callable[[LayerPlan, np.ndarray, list[int]], list[int]] | None = None):
+        """`viable(layer, weight, counts)` may drop candidates that cannot be chosen (saves clustering)."""
         self.min_group_width = min_group_width
         self.forced_groups = forced_groups
         self.seed = seed
+        self.viable = viable
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         if not plan.layers:
@@ -88,10 +93,12 @@ class ClusterFilters(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         weights = {t.name: t for t in model.graph.initializer}
         for layer in plan.layers:
-            filters = numpy_helper.to_array(weights[layer.weight]).reshape(layer.out_channels, -1)
-            layer.candidate_groups = {
-                g: balanced_kmeans(filters, g, self.seed)
-                for g in candidate_group_counts(layer, self.min_group_width, self.forced_groups)}
+            weight = numpy_helper.to_array(weights[layer.weight])
+            counts = candidate_group_counts(layer, self.min_group_width, self.forced_groups)
+            if self.viable is not None:
+                counts = self.viable(layer, weight, counts)
+            filters = weight.reshape(layer.out_channels, -1)
+            layer.candidate_groups = {g: balanced_kmeans(filters, g, self.seed) for g in counts}
         return PassResult(model, plan, modified=False)
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:

@@ -5,8 +5,12 @@ from onnx import numpy_helper
 from fixtures import GraphBuilder
 
 from gkp_onnx import optimize
-from gkp_onnx.passes.choose_groups import AnalyticCpuCost
-from gkp_onnx.plan import LayerPlan
+from gkp_onnx.graph_stats import ensure_node_names, input_specs
+from gkp_onnx.passes.analyze import Analyze
+from gkp_onnx.passes.choose_groups import AnalyticCpuCost, ChooseGroups, max_retained_importance
+from gkp_onnx.passes.cluster import ClusterFilters
+from gkp_onnx.passes.select_kernels import keep_top, kernel_scores, retained_importance
+from gkp_onnx.plan import LayerPlan, Plan
 
 
 def model_64():
@@ -59,3 +63,29 @@ def test_analytic_cost_grows_with_group_count_and_g1_is_the_ideal():
     assert times[0] == pytest.approx(0.5)
     assert times == sorted(times)
     assert cost.efficiency(128) == pytest.approx(0.96) and cost.efficiency(8) == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize("speed_weight", [0.0, 0.02, 0.1, 0.25, 1.0])
+def test_dropping_unwinnable_candidates_never_changes_the_choice(speed_weight):
+    b = GraphBuilder(in_channels=32, size=6, seed=1)
+    model = b.build(b.conv(b.conv(b.conv("x", 64), 128, kernel=1), 64))
+    ensure_node_names(model)
+
+    def choose(prune: bool) -> list[int]:
+        plan = Plan(ratio=0.5, method="leanflex", seed=0)
+        Analyze(input_specs(model))(model, plan)
+        chooser = ChooseGroups(speed_weight=speed_weight)
+        ClusterFilters(min_group_width=4, viable=chooser.viable_group_counts if prune else None)(model, plan)
+        chooser(model, plan)
+        return [layer.group_count for layer in plan.layers]
+
+    assert choose(prune=True) == choose(prune=False)
+
+
+def test_max_retained_importance_bounds_every_grouping():
+    weight = np.random.default_rng(0).standard_normal((16, 12, 3, 3))
+    bound = max_retained_importance(weight, 6)
+    for g in (1, 2, 4, 8, 16):
+        groups = [list(range(i, 16, g)) for i in range(g)]
+        kept = keep_top(kernel_scores(weight, groups, "l2"), 6)
+        assert retained_importance(weight, groups, kept) <= bound + 1e-12

@@ -1,0 +1,58 @@
+"""Wall time of `gkp_onnx.optimize` (analysis + rewrite, no validation) on real-size models.
+
+    python benchmarks/optimize_time.py [--repeats 3] [--ratio 0.4375]
+
+Models: ResNet-56 (the carried pretrained weights) and the ImageNet-shaped ResNet-50 (random
+weights). Prints a table with the median of the repeats and writes
+benchmarks/results/optimize_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from gkp_onnx import optimize
+from gkp_onnx.demo import WEIGHTS, asset
+from gkp_onnx.models.cifar_resnet import load_akamaster
+from gkp_onnx.models.export import build, export
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def models(tmp: Path) -> dict[str, Path]:
+    r56 = export(load_akamaster("resnet56", str(asset(WEIGHTS))), (1, 3, 32, 32), tmp / "resnet56.onnx")
+    model, shape = build("resnet50")
+    return {"resnet56": r56, "resnet50": export(model, shape, tmp / "resnet50.onnx")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=0.4375)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in models(Path(tmp)).items():
+            for groups in (None, 4):
+                times, report = [], None
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    _, report = optimize(path, ratio=args.ratio, groups=groups, validate=False)
+                    times.append(time.perf_counter() - start)
+                rows.append({"model": name, "groups": groups or "auto", "layers": len(report.plan.layers),
+                             "median_s": statistics.median(times), "times_s": times,
+                             "mac_ratio": report.after.macs / report.before.macs})
+                r = rows[-1]
+                print(f"{name:<9} G={r['groups']:<5} {r['layers']:>3} layers  median {r['median_s']:6.2f}s "
+                      f"(runs {', '.join(f'{t:.2f}' for t in times)})  MACs x{r['mac_ratio']:.3f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "optimize_time.json").write_text(json.dumps({"ratio": args.ratio, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
