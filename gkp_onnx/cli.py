@@ -61,6 +61,14 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
                        help=f"weight of estimated latency vs kept importance in the auto choice "
                             f"(default {DEFAULT_SPEED_WEIGHT})")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
+    nm = parser.add_argument_group("N:M sparsity (MatMul/Gemm weights; TensorRT sparse tensor cores)")
+    nm.add_argument("--nm", metavar="N:M", help="keep N of every M weights along the reduction axis, e.g. 2:4")
+    nm.add_argument("--nm-conv", action="store_true", help="also sparsify Conv weights (input-channel axis)")
+    nm.add_argument("--nm-include-head", action="store_true",
+                    help="also sparsify the layer producing a graph output (classifier / LM head)")
+    nm.add_argument("--no-nm-permute", dest="nm_permute", action="store_false",
+                    help="skip the channel-permutation search")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -68,7 +76,8 @@ def _options(args: argparse.Namespace) -> dict:
 
     return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
                 include_stem=args.include_stem, min_group_width=args.min_group_width,
-                speed_weight=args.speed_weight, seed=args.seed,
+                speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, nm=args.nm, nm_conv=args.nm_conv,
+                nm_include_head=args.nm_include_head, nm_permute=args.nm_permute,
                 input_shapes=dict(getattr(args, "input_shape", [])),
                 thresholds=Thresholds(getattr(args, "max_abs_diff", None), getattr(args, "min_cosine", None),
                                       getattr(args, "min_top1_agreement", None)))
@@ -93,7 +102,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from gkp_onnx.inspect import inspect_model
 
-    print(inspect_model(args.model, dict(args.input_shape), include_stem=args.include_stem))
+    print(inspect_model(args.model, dict(args.input_shape), include_stem=args.include_stem, nm=args.nm))
     return 0
 
 
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer table: op, shapes, MACs, params, prunable or why not")
     p.add_argument("model")
     p.add_argument("--include-stem", action="store_true")
+    p.add_argument("--nm", default="2:4", metavar="N:M", help="pattern to check weights against (default 2:4)")
     _add_shapes(p)
     p.set_defaults(func=cmd_inspect)
 

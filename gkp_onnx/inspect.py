@@ -1,17 +1,39 @@
-"""`gkp-onnx inspect`: what the model holds and what the passes could change, layer by layer."""
+"""`gkp-onnx inspect`: what the model holds and what the passes could change, layer by layer.
+
+Per Conv/Gemm/MatMul: weight and output shapes, MACs, params, the reduction axis N:M sparsity
+uses, whether the weight already satisfies N:M, whether TensorRT is likely to run it on sparse
+tensor cores, and whether GKP can prune it (or why not).
+
+TensorRT rule used here (a heuristic, documented in the README): the weight satisfies 2:4 along
+the reduction axis, and both the reduction length and the output channels are >= 256 and
+multiples of 16 (the engine must also be built in fp16/int8 with sparsity enabled; smaller
+GEMMs run faster on dense kernels, so TensorRT's tactic selection usually keeps them dense).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from onnx import numpy_helper
 
 from gkp_onnx.graph_stats import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
+from gkp_onnx.passes.nm_sparsify import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
 
 
-def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, include_stem: bool = False) -> str:
+def tensorrt_sparse_likely(weight_shape: list[int], axis: int, is_nm: bool, n: int, m: int) -> bool:
+    if not is_nm or (n, m) != (2, 4) or len(weight_shape) < 2:
+        return False
+    reduction = weight_shape[axis]
+    outputs = int(np.prod(weight_shape)) // reduction
+    return all(d >= TRT_MIN_DIM and d % 16 == 0 for d in (reduction, outputs))
+
+
+def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, include_stem: bool = False,
+                  nm: str = "2:4") -> str:
+    n, m = parse_nm(nm)
     model = load_model(path)
     ensure_node_names(model)
     specs = input_specs(model, input_shapes)
@@ -22,32 +44,43 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
     skipped = {s.node: s.reason for s in plan.skipped}
     stats = model_stats(model, specs, shapes)
     initializers = {t.name: t for t in model.graph.initializer}
+    producers = {o: node for node in model.graph.node for o in node.output}
 
     rows = []
     for node in model.graph.node:
         if node.op_type not in MAC_OPS:
             continue
-        weight = next((initializers[name] for name in node.input[1:2] if name in initializers), None)
+        ref = find_weight(node, producers, initializers)
         params = sum(int(np.prod(initializers[name].dims)) for name in node.input[1:] if name in initializers)
         if node.name in prunable:
-            status = "prunable (GKP)"
+            status = "GKP: prunable"
         elif node.name in skipped:
-            status = "skipped: " + skipped[node.name]
+            status = "GKP: " + skipped[node.name]
         else:
-            status = "not a Conv: GKP leaves it dense"
-        rows.append((node.name, node.op_type, _shape(list(weight.dims)) if weight is not None else "dynamic",
-                     _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name), params, status))
+            status = "GKP: not a Conv"
+        weight, axis, is_nm, trt = "dynamic", "-", "-", "-"
+        if isinstance(ref, WeightRef):
+            values = numpy_helper.to_array(initializers[ref.initializer])
+            weight, axis = _shape(list(values.shape)), str(ref.axis)
+            nm_ok = satisfies_nm(values, ref.axis, n, m) and ref.zero_point is None
+            is_nm, trt = ("yes" if nm_ok else "no"), ("yes" if tensorrt_sparse_likely(
+                list(values.shape), ref.axis, nm_ok, n, m) else "no")
+        rows.append((node.name, node.op_type, weight, _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name),
+                     params, axis, is_nm, trt, status))
 
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{path}: inputs " + ", ".join(f"{s.name} {_shape(s.shape)} {s.dtype}" for s in specs), "",
-             f"{'node':<{width}}  {'op':<7} {'weight':<16} {'output':<18} {'MACs':>13} {'params':>10}  status"]
-    for name, op, weight, output, macs, params, status in rows:
+             f"{'node':<{width}}  {'op':<7} {'weight':<16} {'output':<18} {'MACs':>13} {'params':>10} "
+             f"{'axis':>4} {nm:>4} {'TRT':>3}  status"]
+    for name, op, weight, output, macs, params, axis, is_nm, trt, status in rows:
         lines.append(f"{name:<{width}}  {op:<7} {weight:<16} {output:<18} "
-                     f"{'?' if macs is None else f'{macs:,}':>13} {params:>10,}  {status}")
+                     f"{'?' if macs is None else f'{macs:,}':>13} {params:>10,} {axis:>4} {is_nm:>4} {trt:>3}  {status}")
     pruned_macs = sum(layer.macs for layer in plan.layers)
     lines += ["", f"total: {stats.params:,} params, {stats.macs:,} MACs per sample; "
                   f"{len(plan.layers)} prunable Conv holding {pruned_macs:,} MACs "
-                  f"({100 * pruned_macs / max(stats.macs, 1):.1f}%)"]
+                  f"({100 * pruned_macs / max(stats.macs, 1):.1f}%)",
+              f"axis: the reduction axis of the weight ({nm} runs along it); TRT: TensorRT likely to use sparse "
+              f"kernels ({nm} weight, reduction and outputs >= {TRT_MIN_DIM} and multiples of 16)"]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
-"""The GKP pipeline from a model (or a path) to an optimized model and its report.
+"""The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv
+    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv -> nm_sparsify
          -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
@@ -19,10 +19,11 @@ from gkp_onnx.model_io import check_model, load_model
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import Thresholds, compare, load_dataset, random_dataset, RANDOM_BATCH
+from gkp_onnx.validate import RANDOM_BATCH, Dataset, Thresholds, channel_rms, compare, load_dataset, random_dataset
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, CostModel
 from gkp_onnx.passes.cluster import ClusterFilters
+from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
 
@@ -43,6 +44,11 @@ class OptimizeOptions:
     validate: bool = True
     plan: str | None = None  # replay a saved plan instead of analysing
     cost_model: CostModel | None = None
+    gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
+    nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
+    nm_conv: bool = False
+    nm_include_head: bool = False
+    nm_permute: bool = True
 
     def checked(self) -> list[re.Pattern]:
         """Check the options; return the compiled --exclude patterns."""
@@ -50,6 +56,8 @@ class OptimizeOptions:
             raise GkpError(f"--ratio must be in [0, 1), got {self.ratio:g}")
         if self.method not in SELECTION_METHODS:
             raise GkpError(f"unknown --method {self.method!r} (choose from {', '.join(SELECTION_METHODS)})")
+        if self.nm is not None:
+            parse_nm(self.nm)
         if self.groups is not None and self.groups < 1:
             raise GkpError(f"--groups must be a positive integer or 'auto', got {self.groups}")
         patterns = []
@@ -62,10 +70,11 @@ class OptimizeOptions:
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
-    """Prune every eligible Conv with Grouped Kernel Pruning; return the new model and its report.
+    """Prune every eligible Conv with Grouped Kernel Pruning (and, with nm="2:4", sparsify
+    MatMul/Gemm weights N:M); return the new model and its report.
 
     `model` is never modified. Keyword options are the fields of `OptimizeOptions`
-    (ratio, groups, method, exclude, seed, calib, ...).
+    (ratio, groups, method, exclude, seed, calib, nm, ...).
     """
     opts = options.pop("options", None) or OptimizeOptions(**options)
     patterns = opts.checked()
@@ -81,22 +90,15 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if opts.plan:
-        plan = Plan.load(opts.plan)
-        passes = [RewriteConv()]
-    else:
-        plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
-        run_passes([Analyze(specs, patterns, opts.include_stem)], working, plan)
-        if not plan.layers:
-            reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "the model has no Conv"
-            raise GkpError(f"nothing to optimize: no Conv the GKP passes can prune ({reasons})")
-        choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
-        passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
-                  choose,
-                  SelectKernels(opts.method, opts.seed),
-                  RewriteConv()]
-    optimized, plan = run_passes(passes, working, plan)
+    optimized, plan = _grouped_kernel_pruning(working, specs, opts, patterns)
     timings["optimize"] = time.perf_counter() - start
+    nm_result = None
+    if opts.nm:
+        start = time.perf_counter()
+        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data)
+        timings["nm_sparsify"] = time.perf_counter() - start
+    if not plan.layers and not (nm_result and nm_result.layers):
+        raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
 
     check_model(optimized, what="(optimized)")
     try:
@@ -104,7 +106,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
     report = Report(source=source, plan=plan, before=model_stats(working, specs),
-                    after=model_stats(optimized, specs), timings=timings)
+                    after=model_stats(optimized, specs), timings=timings, nm=nm_result)
+    if nm_result:
+        nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.validate:
         start = time.perf_counter()
         data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(working) else None)
@@ -112,6 +116,61 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
     return optimized, report
+
+
+def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions,
+                            patterns: list[re.Pattern]) -> tuple[onnx.ModelProto, Plan]:
+    """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv (or replay a plan)."""
+    if opts.plan:
+        return run_passes([RewriteConv()], model, Plan.load(opts.plan))
+    plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
+    if not opts.gkp:
+        return model, plan
+    run_passes([Analyze(specs, patterns, opts.include_stem)], model, plan)
+    if not plan.layers:
+        return model, plan
+    choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
+    passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
+              choose, SelectKernels(opts.method, opts.seed), RewriteConv()]
+    return run_passes(passes, model, plan)
+
+
+def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
+                 data: Dataset | None) -> tuple[onnx.ModelProto, NmResult]:
+    n, m = parse_nm(opts.nm)
+    copy = onnx.ModelProto()  # the pass edits weights in place; `model` may still be the reference
+    copy.CopyFrom(model)
+    model = copy
+    ops = NM_OPS + (("Conv",) if opts.nm_conv else ())
+    norms = {}
+    if data is not None:  # calibration-aware scores: |w| * RMS of the input channel
+        refs, _ = nm_candidates(model, n, m, ops, patterns, opts.nm_include_head)
+        nodes = {node.name: node for node in model.graph.node}
+        axes = {nodes[ref.node].input[0]: (1 if ref.op == "Conv" else -1) for ref in refs}
+        rms = channel_rms(model, axes, data)
+        norms = {ref.node: rms[nodes[ref.node].input[0]] for ref in refs}
+    sparsify = NmSparsify(n, m, opts.nm_conv, opts.nm_include_head, patterns, norms, opts.nm_permute, seed=opts.seed)
+    model, _ = run_passes([sparsify], model, Plan(ratio=0.0, method="nm", seed=opts.seed))
+    return model, sparsify.result
+
+
+def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions) -> str:
+    why = []
+    if opts.gkp:
+        reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "the model has no Conv"
+        why.append(f"no Conv the GKP passes can prune ({reasons})")
+    if nm_result is not None:
+        reasons = "; ".join(sorted({reason for _, reason in nm_result.skipped})) or "the model has no MatMul/Gemm"
+        why.append(f"no weight N:M can sparsify ({reasons})")
+    elif opts.gkp:
+        why.append("for MatMul/Gemm models use --nm 2:4")
+    return ", ".join(why) or "GKP and N:M are both off"
+
+
+def _share_of_macs(node_macs: dict[str, int | None], nodes: set[str]) -> float:
+    known = {name: macs for name, macs in node_macs.items() if macs}
+    total = sum(known.values())
+    return sum(macs for name, macs in known.items() if name in nodes) / total if total else 0.0
 
 
 def _dynamic_batch(model: onnx.ModelProto) -> bool:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gkp_onnx.graph_stats import ModelStats
+from gkp_onnx.passes.nm_sparsify import NmResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Fidelity
+
+
+NM_NOTE = ("N:M sparsity changes weight values only: dense runtimes (onnxruntime CPU/CUDA) run the same "
+           "MACs at the same speed; the speed-up needs TensorRT with sparse weights enabled "
+           "(trtexec --sparsity=enable) and shows on large fp16/int8 layers only.")
 
 
 @dataclass
@@ -22,6 +28,7 @@ class Report:
     fidelity: Fidelity | None = None
     failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    nm: NmResult | None = None
 
     @property
     def passed(self) -> bool:
@@ -30,6 +37,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "source": self.source,
+            "notes": [NM_NOTE] if self.nm is not None else [],
             "ratio": self.plan.ratio,
             "method": self.plan.method,
             "seed": self.plan.seed,
@@ -47,6 +55,10 @@ class Report:
             "failures": self.failures,
             "timings_s": self.timings,
             "plan": self.plan.to_dict(),
+            "nm": None if self.nm is None else {
+                "pattern": f"{self.nm.n}:{self.nm.m}", "layers": [asdict(layer) for layer in self.nm.layers],
+                "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
+                "eligible_mac_share": self.nm.eligible_mac_share, "note": NM_NOTE},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -60,19 +72,22 @@ class Report:
     def table(self, max_layers: int = 200) -> str:
         lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
                  f"seed {self.plan.seed}", ""]
-        width = max([len(layer.node) for layer in self.plan.layers] + [5])
-        lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "
-                     f"{'MACs':>9} {'-> MACs':>9} {'kept W^2':>8}")
-        for layer in self.plan.layers[:max_layers]:
-            kernel = "x".join(map(str, layer.kernel_shape))
-            retained = f"{layer.retained_importance:.3f}" if layer.retained_importance is not None else "-"
-            lines.append(f"{layer.node:<{width}}  {layer.out_channels:>5} {layer.in_channels:>5} {kernel:>6} "
-                         f"{layer.group_count:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
-                         f"{_si(layer.pruned_macs):>9} {retained:>8}")
-        if len(self.plan.layers) > max_layers:
-            lines.append(f"... {len(self.plan.layers) - max_layers} more layers (see --report)")
+        if self.plan.layers:
+            width = max([len(layer.node) for layer in self.plan.layers] + [5])
+            lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "
+                         f"{'MACs':>9} {'-> MACs':>9} {'kept W^2':>8}")
+            for layer in self.plan.layers[:max_layers]:
+                kernel = "x".join(map(str, layer.kernel_shape))
+                retained = f"{layer.retained_importance:.3f}" if layer.retained_importance is not None else "-"
+                lines.append(f"{layer.node:<{width}}  {layer.out_channels:>5} {layer.in_channels:>5} {kernel:>6} "
+                             f"{layer.group_count:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
+                             f"{_si(layer.pruned_macs):>9} {retained:>8}")
+            if len(self.plan.layers) > max_layers:
+                lines.append(f"... {len(self.plan.layers) - max_layers} more layers (see --report)")
         for skipped in self.plan.skipped:
             lines.append(f"skipped {skipped.node}: {skipped.reason}")
+        if self.nm is not None:
+            lines += self._nm_table()
         lines += ["", f"{'':<12} {'before':>12} {'after':>12} {'after/before':>13}"]
         rows = [("params", self.before.params, self.after.params), ("MACs", self.before.macs, self.after.macs)]
         rows += [(f"{op} nodes", self.before.op_counts.get(op, 0), self.after.op_counts.get(op, 0))
@@ -86,6 +101,24 @@ class Report:
             lines.append("fidelity: " + self.fidelity.summary())
         lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
         return "\n".join(lines)
+
+
+    def _nm_table(self) -> list[str]:
+        nm = self.nm
+        width = max([len(layer.node) for layer in nm.layers] + [5])
+        lines = ["", f"N:M {nm.n}:{nm.m} sparsity (reduction axis)",
+                 f"{'layer':<{width}}  {'op':<6} {'weight':<14} {'axis':>4} {'kept |w|':>9} "
+                 f"{'(plain)':>8} {'permuted':>8}  score"]
+        for layer in nm.layers:
+            shape = "[" + ",".join(map(str, layer.shape)) + "]"
+            lines.append(f"{layer.node:<{width}}  {layer.op:<6} {shape:<14} {layer.axis:>4} "
+                         f"{layer.kept_magnitude:>9.4f} {layer.kept_magnitude_plain:>8.4f} "
+                         f"{'yes' if layer.permuted else 'no':>8}  {layer.score}")
+        for node, reason in nm.skipped:
+            lines.append(f"skipped {node}: {reason}")
+        lines.append(f"MatMul/Gemm MACs now {nm.n}:{nm.m}-sparse: {100 * nm.eligible_mac_share:.1f}%")
+        lines.append("note: " + NM_NOTE)
+        return lines
 
 
 def _si(value: float | None) -> str:

@@ -23,6 +23,7 @@ from gkp_onnx.model_io import is_large, save_model
 
 RANDOM_BATCH = 8
 RUN_BATCH = 64
+ort.set_default_logger_severity(3)  # graph-optimizer warnings are noise to our users
 
 
 @dataclass
@@ -108,14 +109,20 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
     return Dataset(inputs, labels, source=str(path))
 
 
-def run_model(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH) -> list[np.ndarray]:
-    """All outputs over the whole dataset, run in batches (fixed-batch models: their batch)."""
+def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH):
+    """Feeds covering the dataset in order: `batch` samples each, or the model's fixed batch size."""
     fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
-    chunks = []
+    if len(data) % step and step != batch:
+        raise GkpError(f"the model's batch size is fixed at {step}; the data's {len(data)} samples "
+                       f"are not a multiple of it")
     for start in range(0, len(data), step):
-        feed = {name: array[start:start + step] for name, array in data.inputs.items()}
-        chunks.append(session.run(None, feed))
+        yield {name: array[start:start + step] for name, array in data.inputs.items()}
+
+
+def run_model(session: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
+    """All outputs over the whole dataset, run in batches."""
+    chunks = [session.run(None, feed) for feed in batches(session, data)]
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
@@ -211,3 +218,23 @@ class Thresholds:
                 and result.top1_agreement < self.min_top1_agreement:
             missed.append(f"top-1 agreement {result.top1_agreement:.4f} < {self.min_top1_agreement:g}")
         return missed
+
+
+def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
+    """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+    session = make_session(probe)
+    names = [o.name for o in session.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in batches(session, data):
+        for name, value in zip(names, session.run(None, feed)):
+            if name in tensors:
+                moved = np.moveaxis(value.astype(np.float64), tensors[name], -1)
+                flat = moved.reshape(-1, moved.shape[-1])
+                sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+    return {name: np.sqrt(sums[name] / counts[name]) for name in sums}

@@ -2,6 +2,7 @@
 
     python -m gkp_onnx.models.export resnet56 out.onnx --weights resnet56-4bfd9763.th
     python -m gkp_onnx.models.export resnet50 out.onnx
+    python -m gkp_onnx.models.export vit_small out.onnx
 
 The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
 and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
@@ -18,15 +19,18 @@ import torch
 
 from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
 from gkp_onnx.models.resnet50 import resnet50
+from gkp_onnx.models.vit import vit_small
 
 OPSET = 17
-MODELS = sorted(DEPTHS) + ["resnet50"]
+MODELS = sorted(DEPTHS) + ["resnet50", "vit_small"]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The model in eval mode and its input shape for one sample."""
     if name == "resnet50":
         return resnet50(seed), (1, 3, 224, 224)
+    if name == "vit_small":
+        return vit_small(seed), (1, 3, 224, 224)
     if weights:
         return load_akamaster(name, weights), (1, 3, 32, 32)
     torch.manual_seed(seed)

@@ -73,7 +73,7 @@ def test_compare_and_inspect(model_path, tmp_path, capsys):
     assert main(["compare", str(model_path), str(out), "--data", str(data)]) == 0
     assert main(["inspect", str(model_path)]) == 0
     text = capsys.readouterr().out
-    assert "prunable (GKP)" in text and "total:" in text
+    assert "GKP: prunable" in text and "total:" in text
 
 
 def test_missing_file(capsys, tmp_path):
