@@ -1,6 +1,7 @@
 """The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv -> nm_sparsify
+    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv -> fold_gathers
+         -> nm_sparsify
          -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
@@ -23,6 +24,7 @@ from gkp_onnx.validate import RANDOM_BATCH, Dataset, Thresholds, channel_rms, co
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, CostModel
 from gkp_onnx.passes.cluster import ClusterFilters
+from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
@@ -45,6 +47,7 @@ class OptimizeOptions:
     plan: str | None = None  # replay a saved plan instead of analysing
     cost_model: CostModel | None = None
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
+    fold: bool = True  # fold channel Gathers into their producing Convs
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -122,7 +125,7 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
                             patterns: list[re.Pattern]) -> tuple[onnx.ModelProto, Plan]:
     """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv (or replay a plan)."""
     if opts.plan:
-        return run_passes([RewriteConv()], model, Plan.load(opts.plan))
+        return run_passes([RewriteConv()] + ([FoldGathers()] if opts.fold else []), model, Plan.load(opts.plan))
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if not opts.gkp:
         return model, plan
@@ -132,6 +135,8 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
     passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
               choose, SelectKernels(opts.method, opts.seed), RewriteConv()]
+    if opts.fold:
+        passes.append(FoldGathers())
     return run_passes(passes, model, plan)
 
 

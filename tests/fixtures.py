@@ -131,6 +131,25 @@ def shared_weight() -> onnx.ModelProto:
     return b.build(b.conv(b.conv(y, 8, weight=weight, bias=False), 8, weight=weight, bias=False))
 
 
+def bn_chain() -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> Conv -> Mul/Add by per-channel constants -> Clip -> Conv."""
+    b = GraphBuilder()
+    y = b.conv("x", 16)
+    bn = [b.weight(f"bn.{p}", [16]) for p in ("scale", "bias", "mean")]
+    b.inits.append(numpy_helper.from_array(np.linspace(0.5, 2.0, 16).astype(np.float32), "bn.var"))
+    y = b.op("Relu", [b.op("BatchNormalization", [y, *bn, "bn.var"])])
+    y = b.op("Mul", [b.conv(y, 16), b.weight("scale.c", [16, 1, 1])])
+    y = b.op("Add", [y, b.weight("shift.c", [1, 16, 1, 1])])
+    return b.build(b.conv(b.op("Clip", [y]), 16))
+
+
+def graph_output_inside() -> onnx.ModelProto:
+    """The activation between two Convs is also a graph output: it must keep every channel."""
+    b = GraphBuilder()
+    mid = b.op("Relu", [b.conv("x", 16)])
+    return b.build(b.conv(mid, 16), mid)
+
+
 def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
@@ -139,4 +158,5 @@ TOPOLOGIES = {
     "chain": chain, "residual": residual, "concat": concat, "fan_out": fan_out, "no_bias": no_bias,
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
+    "bn_chain": bn_chain, "graph_output_inside": graph_output_inside,
 }

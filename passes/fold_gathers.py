@@ -1,0 +1,197 @@
+"""fold_gathers: let the producing Conv compute a channel Gather's output directly.
+
+Before                                               After (I = gather indices, |I| <= Co)
+
+    X ─Conv(W [Co, ..], B)─ Y ─Relu/BN/..─ Z           X ─Conv(W[I], B[I])─ Y' ─Relu/BN[I]/..─ Z'
+    Z ─Gather(axis=1, I)─ Z' ─> consumers               Z' ─> consumers
+
+The producer's filters (and every per-channel parameter on the way) are re-indexed by I:
+filters no consumer reads are dropped (dead-channel elimination), repeated indices duplicate a
+filter. At G = 1 this is filter pruning of the producer: the Gather disappears and the producer
+loses MACs too. Exact: the same numbers are computed, in the order the consumer reads them.
+
+Fires when all hold:
+- the Gather has axis 1 and constant 1-D indices, |I| <= Co (the producer never gets bigger);
+- walking up from the Gather's input passes only per-channel ops (unary element-wise ops,
+  BatchNormalization, Add/Sub/Mul/Div with a constant that is per-channel or broadcast on the
+  channel axis) and other channel Gathers (crossing one with indices P maps I to P[I]; it is
+  removed), each tensor read by exactly one node and none a graph output;
+- the chain starts at a Conv with group 1 whose weight and bias are constant initializers read
+  by nothing else.
+
+When the walk passes a channel Gather but cannot fold into a Conv (e.g. the producer would
+grow), the two Gathers are still composed into one: the output permutation GKP puts after a
+grouped Conv is absorbed into the next GKP Gather (indices P[I]), the per-channel ops between
+re-indexed.
+Shapes of the re-indexed tensors change (channel count |I|); stale value_info is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gkp_onnx.pipeline import Pass, PassResult
+from gkp_onnx.plan import Plan
+
+UNARY_PER_CHANNEL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
+                     "Softplus", "Mish", "Identity", "PRelu"}
+BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+class FoldGathers(Pass):
+    name = "fold_gathers"
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        folded = 0
+        while self._fold_one(model):
+            folded += 1
+        if folded:
+            del model.graph.value_info[:]
+        self.folded = folded
+        return PassResult(model, plan, modified=bool(folded))
+
+    def _fold_one(self, model: onnx.ModelProto) -> bool:
+        graph = model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        producers = {o: node for node in graph.node for o in node.output}
+        readers = Counter(name for node in graph.node for name in node.input)
+        outputs = {o.name for o in graph.output}
+        for gather in graph.node:
+            index = _gather_index(gather, initializers)
+            if index is None:
+                continue
+            top, chain = self._walk(gather.input[0], producers, readers, outputs, initializers)
+            if top is not None and top.op_type == "Conv" and len(chain_index(chain, index, initializers)[-1]) \
+                    <= initializers[top.input[1]].dims[0]:
+                self._fold(model, gather, top, chain, index, initializers)
+                return True
+            inner = next((node for node in chain if node.op_type == "Gather"), None)
+            if inner is not None:  # compose with the nearest Gather above: one Gather instead of two
+                below = chain[:chain.index(inner)]
+                self._fold(model, gather, inner, below, index, initializers)
+                return True
+        return False
+
+    def _fold(self, model, gather, top, chain, index, initializers) -> None:
+        """Make `top` (a Conv, or a Gather to compose with) compute what `gather` reads; drop the
+        Gathers in between."""
+        indices = chain_index(chain, index, initializers)
+        for node, node_index in zip(chain, indices):
+            if node.op_type != "Gather":
+                self._reindex_params(model, node, node_index, initializers)
+        top_index = indices[-1]
+        if top.op_type == "Conv":
+            _replace(model, initializers, top.input[1], lambda w: w[top_index])
+            if len(top.input) > 2 and top.input[2]:
+                _replace(model, initializers, top.input[2], lambda b: b[top_index])
+        else:
+            _replace(model, initializers, top.input[1], lambda p: p[top_index])
+        # rewire: drop the Gathers strictly inside the chain, then the folded Gather itself
+        for node in [n for n in chain if n.op_type == "Gather"]:
+            for reader in model.graph.node:
+                for slot, name in enumerate(reader.input):
+                    if name == node.output[0]:
+                        reader.input[slot] = node.input[0]
+            model.graph.node.remove(node)
+        last = chain[0] if chain else top
+        last.output[0] = gather.output[0]
+        model.graph.node.remove(gather)
+        _drop_unread(model)
+
+    def _walk(self, tensor, producers, readers, outputs, initializers):
+        """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
+
+        Returns (top, chain): chain lists the nodes passed, nearest first; top is the foldable Conv
+        where the walk ended, or None."""
+        chain = []
+        while True:
+            node = producers.get(tensor)
+            if node is None or readers[tensor] != 1 or tensor in outputs:
+                return None, chain
+            if node.op_type == "Conv":
+                params = [name for name in node.input[1:] if name]
+                if _attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
+                    return None, chain
+                return node, chain
+            if _gather_index(node, initializers) is None and not self._per_channel(node, initializers, readers):
+                return None, chain
+            chain.append(node)
+            tensor = node.input[0]
+
+    def _per_channel(self, node, initializers, readers) -> bool:
+        if node.op_type in UNARY_PER_CHANNEL:
+            return node.op_type != "PRelu" or _channel_constant(node.input[1], initializers) is not None
+        if node.op_type == "BatchNormalization":
+            return all(name in initializers for name in node.input[1:5])
+        if node.op_type in BINARY_PER_CHANNEL:
+            return node.input[0] not in initializers and _channel_constant(node.input[1], initializers) is not None
+        return False
+
+    def _reindex_params(self, model, node, index, initializers) -> None:
+        if node.op_type == "BatchNormalization":
+            for slot in range(1, 5):
+                _replace(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+        elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
+            if _channel_constant(node.input[1], initializers) == "per_channel":
+                _replace(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
+
+
+def _gather_index(node, initializers) -> np.ndarray | None:
+    """The constant 1-D indices of a channel Gather (axis 1), else None."""
+    if node.op_type != "Gather" or _attr(node, "axis", 0) != 1 or node.input[1] not in initializers:
+        return None
+    index = numpy_helper.to_array(initializers[node.input[1]])
+    return index if index.ndim == 1 and (index >= 0).all() else None
+
+
+def chain_index(chain, index, initializers) -> list[np.ndarray]:
+    """The index each chain node (nearest first) is re-indexed with, then the one for the top:
+    crossing a Gather with indices P upward maps I to P[I]."""
+    indices = []
+    for node in chain:
+        indices.append(index)
+        gathered = _gather_index(node, initializers)
+        if gathered is not None:
+            index = gathered[index]
+    return indices + [index]
+
+
+def _channel_constant(name, initializers) -> str | None:
+    """'broadcast' when the constant has size 1 on the channel axis, 'per_channel' for a [C, 1, 1]
+    layout (rank <= 4, channel axis = rank - 3), None otherwise."""
+    if name not in initializers:
+        return None
+    dims = list(initializers[name].dims)
+    if all(d == 1 for d in dims):
+        return "broadcast"
+    if 3 <= len(dims) <= 4 and dims[-1] == 1 and dims[-2] == 1 and all(d == 1 for d in dims[:-3]):
+        return "per_channel"
+    return None
+
+
+def _replace(model, initializers, name, transform, node=None, slot=None) -> None:
+    """Transform an initializer; a shared one gets a private copy for `node` instead."""
+    values = transform(numpy_helper.to_array(initializers[name]))
+    readers = sum(name == i for n in model.graph.node for i in n.input)
+    if readers <= 1 or node is None:
+        initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), name))
+        return
+    new_name = f"{name}_{node.name}_folded"
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), new_name))
+    initializers[new_name] = model.graph.initializer[-1]
+    node.input[slot] = new_name
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    read = {name for node in model.graph.node for name in node.input}
+    keep = [t for t in model.graph.initializer if t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
