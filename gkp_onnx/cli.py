@@ -127,6 +127,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from gkp_onnx.bench import bench, format_timings, timings_to_dict
+
+    timings = bench(args.models, batches=args.batch, providers=args.providers, threads=args.threads,
+                    input_shapes=dict(args.input_shape), warmup=args.warmup, repeats=args.repeats)
+    print(format_timings(timings, args.threads))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(timings_to_dict(timings), handle, indent=1)
+    return 0
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes like 1,8,64, got {text!r}")
+    return values
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gkp_onnx.demo import run_demo
 
@@ -166,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(p)
     _add_thresholds(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="latency of models side by side (interleaved, median and p90)")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--batch", type=_batches, default=[1], metavar="B1,B2,..")
+    p.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--json", metavar="OUT.json", help="also write the timings as JSON")
+    _add_shapes(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="optimize the built-in pretrained CIFAR-10 ResNet-56 and report")
     p.add_argument("--out-dir", default="gkp-demo")

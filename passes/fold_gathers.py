@@ -68,7 +68,7 @@ class FoldGathers(Pass):
             index = _gather_index(gather, initializers)
             if index is None:
                 continue
-            top, chain = self._walk(gather.input[0], producers, readers, outputs, initializers)
+            top, chain = walk_to_producer(gather.input[0], producers, readers, outputs, initializers)
             if top is not None and top.op_type == "Conv" and len(chain_index(chain, index, initializers)[-1]) \
                     <= initializers[top.input[1]].dims[0]:
                 self._fold(model, gather, top, chain, index, initializers)
@@ -106,35 +106,6 @@ class FoldGathers(Pass):
         model.graph.node.remove(gather)
         _drop_unread(model)
 
-    def _walk(self, tensor, producers, readers, outputs, initializers):
-        """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
-
-        Returns (top, chain): chain lists the nodes passed, nearest first; top is the foldable Conv
-        where the walk ended, or None."""
-        chain = []
-        while True:
-            node = producers.get(tensor)
-            if node is None or readers[tensor] != 1 or tensor in outputs:
-                return None, chain
-            if node.op_type == "Conv":
-                params = [name for name in node.input[1:] if name]
-                if _attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
-                    return None, chain
-                return node, chain
-            if _gather_index(node, initializers) is None and not self._per_channel(node, initializers, readers):
-                return None, chain
-            chain.append(node)
-            tensor = node.input[0]
-
-    def _per_channel(self, node, initializers, readers) -> bool:
-        if node.op_type in UNARY_PER_CHANNEL:
-            return node.op_type != "PRelu" or _channel_constant(node.input[1], initializers) is not None
-        if node.op_type == "BatchNormalization":
-            return all(name in initializers for name in node.input[1:5])
-        if node.op_type in BINARY_PER_CHANNEL:
-            return node.input[0] not in initializers and _channel_constant(node.input[1], initializers) is not None
-        return False
-
     def _reindex_params(self, model, node, index, initializers) -> None:
         if node.op_type == "BatchNormalization":
             for slot in range(1, 5):
@@ -142,6 +113,38 @@ class FoldGathers(Pass):
         elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
             if _channel_constant(node.input[1], initializers) == "per_channel":
                 _replace(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
+
+
+def walk_to_producer(tensor, producers, readers, outputs, initializers):
+    """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
+
+    Returns (top, chain): chain lists the nodes passed, nearest first; top is the foldable Conv
+    where the walk ended, or None."""
+    chain = []
+    while True:
+        node = producers.get(tensor)
+        if node is None or readers[tensor] != 1 or tensor in outputs:
+            return None, chain
+        if node.op_type == "Conv":
+            params = [name for name in node.input[1:] if name]
+            if _attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
+                return None, chain
+            return node, chain
+        if _gather_index(node, initializers) is None and not is_per_channel(node, initializers):
+            return None, chain
+        chain.append(node)
+        tensor = node.input[0]
+
+
+def is_per_channel(node, initializers) -> bool:
+    """An op acting on each channel separately (its constants per-channel or broadcast)."""
+    if node.op_type in UNARY_PER_CHANNEL:
+        return node.op_type != "PRelu" or _channel_constant(node.input[1], initializers) is not None
+    if node.op_type == "BatchNormalization":
+        return all(name in initializers for name in node.input[1:5])
+    if node.op_type in BINARY_PER_CHANNEL:
+        return node.input[0] not in initializers and _channel_constant(node.input[1], initializers) is not None
+    return False
 
 
 def _gather_index(node, initializers) -> np.ndarray | None:
