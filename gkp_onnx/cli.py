@@ -90,6 +90,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = check_output_path(args.input, args.output)
     optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, **_options(args))
     save_model(optimized, out)
+    if args.bench:
+        from gkp_onnx.bench import bench
+
+        report.latency = bench([args.input, optimized], names=["input", "optimized"], batches=args.bench_batch,
+                               providers=args.providers, threads=args.threads, input_shapes=dict(args.input_shape),
+                               repeats=args.bench_repeats)
     if args.report:
         report.save(args.report)
     if args.save_plan:
@@ -173,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
     p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")
     _add_thresholds(p)
+    group = p.add_argument_group("latency (--bench: measure input vs optimized with onnxruntime)")
+    group.add_argument("--bench", action="store_true")
+    group.add_argument("--bench-batch", type=_batches, default=[1], metavar="B1,B2,..")
+    group.add_argument("--bench-repeats", type=int, default=30)
+    group.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
+    group.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("inspect", help="per-layer table: op, shapes, MACs, params, prunable or why not")
@@ -194,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency of models side by side (interleaved, median and p90)")
     p.add_argument("models", nargs="+")
     p.add_argument("--batch", type=_batches, default=[1], metavar="B1,B2,..")
-    p.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
+    p.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+                   help="onnxruntime providers; cuda runs with cudnn_conv_algo_search=EXHAUSTIVE")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)

@@ -29,6 +29,7 @@ class Report:
     failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     nm: NmResult | None = None
+    latency: list | None = None  # bench.Timing rows: input vs optimized
 
     @property
     def passed(self) -> bool:
@@ -55,6 +56,7 @@ class Report:
             "failures": self.failures,
             "timings_s": self.timings,
             "plan": self.plan.to_dict(),
+            "latency": None if self.latency is None else [asdict(t) for t in self.latency],
             "nm": None if self.nm is None else {
                 "pattern": f"{self.nm.n}:{self.nm.m}", "layers": [asdict(layer) for layer in self.nm.layers],
                 "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
@@ -99,6 +101,9 @@ class Report:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         if self.fidelity:
             lines.append("fidelity: " + self.fidelity.summary())
+        if self.latency:
+            from gkp_onnx.bench import format_timings
+            lines += ["latency (onnxruntime, interleaved medians):", format_timings(self.latency)]
         lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
         return "\n".join(lines)
 

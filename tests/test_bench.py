@@ -1,0 +1,43 @@
+import json
+
+import onnx
+import pytest
+
+from fixtures import TOPOLOGIES
+
+from gkp_onnx.bench import bench, format_timings
+from gkp_onnx.cli import main
+
+
+def test_bench_reports_every_model_and_batch_relative_to_the_first(tmp_path):
+    a, b = TOPOLOGIES["chain"](), TOPOLOGIES["residual"]()
+    timings = bench([a, b], names=["a", "b"], batches=(1, 4), threads=1, warmup=1, repeats=3)
+    assert [(t.model, t.batch) for t in timings] == [("a", 1), ("b", 1), ("a", 4), ("b", 4)]
+    assert all(t.median_ms > 0 and t.p90_ms >= t.median_ms for t in timings)
+    assert timings[0].speedup == 1.0 and timings[1].speedup == pytest.approx(timings[0].median_ms / timings[1].median_ms)
+    text = format_timings(timings, 1)
+    assert "CPUExecutionProvider intra_op_num_threads=1; batch 4" in text
+
+
+def test_bench_cli_writes_json_and_rejects_unavailable_providers(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(TOPOLOGIES["chain"](), path)
+    out = tmp_path / "t.json"
+    assert main(["bench", str(path), str(path), "--batch", "1,2", "--repeats", "2", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 4
+    capsys.readouterr()
+    assert main(["bench", str(path), "--providers", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDAExecutionProvider is not available" in err[0]
+
+
+def test_optimize_bench_adds_latency_to_the_report(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(TOPOLOGIES["chain"](), path)
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(path), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--bench", "--bench-batch",
+                 "1,2", "--bench-repeats", "3", "--report", str(report)]) in (0, 1)
+    latency = json.loads(report.read_text())["latency"]
+    assert [(t["model"], t["batch"]) for t in latency] == [("input", 1), ("optimized", 1), ("input", 2),
+                                                            ("optimized", 2)]
+    assert "latency" in capsys.readouterr().out
