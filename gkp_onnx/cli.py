@@ -88,7 +88,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from gkp_onnx.optimize import optimize
 
     out = check_output_path(args.input, args.output)
-    optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, **_options(args))
+    optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, reconstruct=args.reconstruct,
+                                 **_options(args))
     save_model(optimized, out)
     if args.bench:
         from gkp_onnx.bench import bench
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pruning(p)
     _add_shapes(p)
     p.add_argument("--calib", metavar="DATA.npz", help="inputs (and labels y) to validate on; else random inputs")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the kept kernels layer by layer on the --calib inputs (no labels needed)")
     p.add_argument("--report", metavar="REPORT.json", help="write the report (with the plan) as JSON")
     p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
     p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")

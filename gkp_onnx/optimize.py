@@ -1,7 +1,7 @@
 """The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv -> fold_gathers
-         -> nm_sparsify
+    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv [-> reconstruct]
+         -> fold_gathers -> nm_sparsify
          -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
@@ -26,6 +26,7 @@ from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, Co
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
+from gkp_onnx.passes.reconstruct import Reconstruct
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
 
@@ -48,6 +49,7 @@ class OptimizeOptions:
     cost_model: CostModel | None = None
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
     fold: bool = True  # fold channel Gathers into their producing Convs
+    reconstruct: bool = False  # refit the kept kernels on the calibration data (needs calib)
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -61,6 +63,8 @@ class OptimizeOptions:
             raise GkpError(f"unknown --method {self.method!r} (choose from {', '.join(SELECTION_METHODS)})")
         if self.nm is not None:
             parse_nm(self.nm)
+        if self.reconstruct and not self.calib:
+            raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
         if self.groups is not None and self.groups < 1:
             raise GkpError(f"--groups must be a positive integer or 'auto', got {self.groups}")
         patterns = []
@@ -93,7 +97,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    optimized, plan = _grouped_kernel_pruning(working, specs, opts, patterns)
+    reconstruct = Reconstruct(working, data) if opts.reconstruct else None
+    optimized, plan = _grouped_kernel_pruning(working, specs, opts, patterns, reconstruct)
     timings["optimize"] = time.perf_counter() - start
     nm_result = None
     if opts.nm:
@@ -112,6 +117,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
+    if reconstruct:
+        report.reconstruction = reconstruct.errors
     if opts.validate:
         start = time.perf_counter()
         data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(working) else None)
@@ -121,11 +128,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     return optimized, report
 
 
-def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions,
-                            patterns: list[re.Pattern]) -> tuple[onnx.ModelProto, Plan]:
-    """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv (or replay a plan)."""
+def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions, patterns: list[re.Pattern],
+                            reconstruct: Reconstruct | None) -> tuple[onnx.ModelProto, Plan]:
+    """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv [-> reconstruct]
+    [-> fold_gathers], or the rewrite of a saved plan."""
+    finish = [RewriteConv()] + ([reconstruct] if reconstruct else []) + ([FoldGathers()] if opts.fold else [])
     if opts.plan:
-        return run_passes([RewriteConv()] + ([FoldGathers()] if opts.fold else []), model, Plan.load(opts.plan))
+        return run_passes(finish, model, Plan.load(opts.plan))
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if not opts.gkp:
         return model, plan
@@ -134,10 +143,8 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
         return model, plan
     choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
     passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
-              choose, SelectKernels(opts.method, opts.seed), RewriteConv()]
-    if opts.fold:
-        passes.append(FoldGathers())
-    return run_passes(passes, model, plan)
+              choose, SelectKernels(opts.method, opts.seed)]
+    return run_passes(passes + finish, model, plan)
 
 
 def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],

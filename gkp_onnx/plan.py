@@ -45,6 +45,8 @@ class LayerPlan:
     candidates: list[Candidate] = field(default_factory=list)
     # Groupings per candidate G, produced by the cluster pass; large and derivable: not serialised.
     candidate_groups: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+    # Name of the grouped Conv that rewrite_conv made for this layer (in the rewritten model only).
+    grouped_node: str | None = field(default=None, repr=False)
 
     def mask(self) -> np.ndarray:
         """Boolean [Co, Ci]: True where the grouped kernel W[f, j] is kept."""
@@ -60,7 +62,7 @@ class LayerPlan:
         return self.macs * self.kept_per_group // self.in_channels
 
     def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate_groups"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("candidate_groups", "grouped_node")}
         data["candidates"] = [asdict(c) for c in self.candidates]
         return data
 

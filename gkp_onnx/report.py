@@ -30,6 +30,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     nm: NmResult | None = None
     latency: list | None = None  # bench.Timing rows: input vs optimized
+    reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
 
     @property
     def passed(self) -> bool:
@@ -57,6 +58,8 @@ class Report:
             "timings_s": self.timings,
             "plan": self.plan.to_dict(),
             "latency": None if self.latency is None else [asdict(t) for t in self.latency],
+            "reconstruction": None if self.reconstruction is None else {
+                node: {"mse_before": before, "mse_after": after} for node, (before, after) in self.reconstruction.items()},
             "nm": None if self.nm is None else {
                 "pattern": f"{self.nm.n}:{self.nm.m}", "layers": [asdict(layer) for layer in self.nm.layers],
                 "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
@@ -99,6 +102,11 @@ class Report:
             lines.append(f"{label:<12} {before:>12,} {after:>12,} {ratio:>13}")
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.reconstruction:
+            before = sum(b for b, _ in self.reconstruction.values())
+            after = sum(a for _, a in self.reconstruction.values())
+            lines.append(f"reconstruction: summed layer-output MSE on the calibration data {before:.4g} -> {after:.4g} "
+                         f"({len(self.reconstruction)} layers refit)")
         if self.fidelity:
             lines.append("fidelity: " + self.fidelity.summary())
         if self.latency:

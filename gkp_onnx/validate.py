@@ -222,11 +222,7 @@ class Thresholds:
 
 def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
     """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    session = make_session(probe)
+    session = make_session(with_outputs(model, list(tensors)))
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -238,3 +234,12 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
                 sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
                 counts[name] = counts.get(name, 0) + flat.shape[0]
     return {name: np.sqrt(sums[name] / counts[name]) for name in sums}
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the named intermediate tensors."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return probe

@@ -94,8 +94,8 @@ class RewriteConv(Pass):
         attrs["group"] = layer.group_count
         conv.outputs.clear()
         conv.inputs.clear()
-        graph.nodes.append(gs.Node("Conv", names(f"{layer.node}/gkp_conv"), attrs=attrs,
-                                   inputs=inputs, outputs=[conv_output]))
+        layer.grouped_node = names(f"{layer.node}/gkp_conv")
+        graph.nodes.append(gs.Node("Conv", layer.grouped_node, attrs=attrs, inputs=inputs, outputs=[conv_output]))
         if restore:
             graph.nodes.append(gs.Node(
                 "Gather", names(f"{layer.node}/gkp_gather_out"), attrs={"axis": 1},

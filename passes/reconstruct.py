@@ -1,0 +1,166 @@
+"""reconstruct: refit each pruned layer's kept kernels so its output matches the original model.
+
+Before: the rewritten model (rewrite_conv; Gathers not folded yet) and calibration inputs.
+After:  the same graph; each grouped Conv's weight (and bias) replaced by a least-squares refit.
+        Layers are refit in topological order, so each fit sees the errors of the layers before
+        it in its inputs and corrects for them.
+
+For layer L with groups g (filters F_g, kept channels S_g): X' = L's input in the pruned-so-far
+model, Y = L's Conv output in the original model, both captured with onnxruntime on the
+calibration set. With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
+    [W_g; b_g] = argmin ||P_g [W_g; b_g] - Y[:, F_g]||^2 + lam * ||W_g||^2,
+    lam = ridge * trace(P_g^T P_g) / dim
+solved from Gram matrices accumulated over batches (memory: (n*kh*kw + 1)^2 per group, not the
+dataset). The refit is kept only when it lowers the layer's output error on the calibration data
+(computed from the same Gram matrices), so a layer never gets worse than before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from gkp_onnx.pipeline import Pass, PassContractError, PassResult
+from gkp_onnx.plan import LayerPlan, Plan
+from gkp_onnx.validate import Dataset, batches, make_session
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def explicit_pads(attrs: dict, in_hw: tuple[int, int], kernel: list[int]) -> list[int]:
+    """[top, left, bottom, right] padding of a Conv, auto_pad resolved."""
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return list(attrs.get("pads", [0, 0, 0, 0]))
+    if auto == "VALID":
+        return [0, 0, 0, 0]
+    strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    pads = []
+    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+        out = -(-size // s)
+        pads.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
+    begin = [p // 2 if auto == "SAME_UPPER" else p - p // 2 for p in pads]
+    return [begin[0], begin[1], pads[0] - begin[0], pads[1] - begin[1]]
+
+
+def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
+    """im2col in float32: [N, C*kh*kw, L] (channel-major, as Conv weights are laid out). The Gram
+    products are summed per batch in float32 and accumulated across batches in float64."""
+    top, left, bottom, right = explicit_pads(attrs, x.shape[2:], kernel)
+    tensor = F.pad(torch.from_numpy(x.astype(np.float32)), (left, right, top, bottom))
+    return F.unfold(tensor, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
+
+
+class Reconstruct(Pass):
+    name = "reconstruct"
+
+    def __init__(self, original: onnx.ModelProto, data: Dataset, ridge: float = 1e-3):
+        self.original = original
+        self.data = data
+        self.ridge = ridge
+        self.errors: dict[str, tuple[float, float]] = {}  # layer -> (output MSE before, after)
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        names = {n.name for n in model.graph.node}
+        if any(layer.grouped_node not in names for layer in plan.layers):
+            raise PassContractError("reconstruct needs the grouped Convs made by rewrite_conv")
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        original_nodes = {n.name: n for n in self.original.graph.node}
+        order = {n.name: i for i, n in enumerate(model.graph.node)}
+        for layer in sorted(plan.layers, key=lambda l: order[l.grouped_node]):
+            target = original_nodes[layer.node].output[0]
+            self._refit(model, layer, make_session(_up_to(self.original, target)), target)
+        return PassResult(model, plan, modified=bool(plan.layers))
+
+    def _refit(self, model, layer: LayerPlan, reference, target: str) -> None:
+        nodes = {n.name: n for n in model.graph.node}
+        conv = nodes[layer.grouped_node]
+        attrs = _attrs(conv)
+        initializers = {t.name: t for t in model.graph.initializer}
+        weight = numpy_helper.to_array(initializers[conv.input[1]])
+        bias = numpy_helper.to_array(initializers[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] \
+            else np.zeros(weight.shape[0], weight.dtype)
+        g, d, n = layer.group_count, layer.out_channels // layer.group_count, layer.kept_per_group
+        kernel = list(weight.shape[2:])
+        width = n * int(np.prod(kernel)) + 1
+        gram, cross, energy = np.zeros((g, width, width)), np.zeros((g, width, d)), np.zeros((g, d))
+        order = np.concatenate(layer.groups)
+        session = make_session(_up_to(model, conv.input[0]))
+        for feed in batches(session, self.data):
+            x = session.run([conv.input[0]], feed)[0]
+            y = torch.from_numpy(np.ascontiguousarray(reference.run([target], feed)[0][:, order], dtype=np.float32))
+            cols = patches(x, attrs, kernel)  # [N, G*n*k, L]
+            batch, _, positions = cols.shape
+            cols = cols.view(batch, g, width - 1, positions)
+            y = y.reshape(batch, g, d, positions)
+            # augmented Gram [[P^T P, P^T 1], [1^T P, N*L]] and cross [[P^T T], [1^T T]], per group
+            sums = cols.sum(dim=(0, 3)).double().numpy()
+            gram[:, :-1, :-1] += torch.einsum("bgkl,bgjl->gkj", cols, cols).double().numpy()
+            gram[:, :-1, -1] += sums
+            gram[:, -1, :-1] += sums
+            gram[:, -1, -1] += batch * positions
+            cross[:, :-1] += torch.einsum("bgkl,bgdl->gkd", cols, y).double().numpy()
+            cross[:, -1] += y.sum(dim=(0, 3)).double().numpy()
+            energy += (y.double() ** 2).sum(dim=(0, 3)).numpy()
+        samples = gram[0, -1, -1]
+        new_weight, new_bias = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
+        before = after = 0.0
+        for group in range(g):
+            rows = slice(group * d, (group + 1) * d)
+            old = np.concatenate([weight[rows].reshape(d, -1).T, bias[rows][None, :]]).astype(np.float64)
+            lam = self.ridge * np.trace(gram[group]) / width
+            reg = lam * np.eye(width)
+            reg[-1, -1] = 0.0  # no penalty on the bias
+            fit = np.linalg.solve(gram[group] + reg, cross[group])
+            err_old = _squared_error(old, gram[group], cross[group], energy[group])
+            err_new = _squared_error(fit, gram[group], cross[group], energy[group])
+            before += err_old
+            if err_new < err_old:
+                new_weight[rows] = fit[:-1].T.reshape(d, n, *kernel)
+                new_bias[rows] = fit[-1]
+                after += err_new
+            else:
+                after += err_old
+        self.errors[layer.node] = (before / samples / layer.out_channels, after / samples / layer.out_channels)
+        initializers[conv.input[1]].CopyFrom(numpy_helper.from_array(new_weight.astype(weight.dtype), conv.input[1]))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_bias"
+        if bias_name in initializers:
+            initializers[bias_name].CopyFrom(numpy_helper.from_array(new_bias.astype(weight.dtype), bias_name))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(new_bias.astype(weight.dtype), bias_name))
+            conv.input.append(bias_name)
+
+
+def _squared_error(coef: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> float:
+    """sum ||P coef - T||^2 from the Gram matrices: tr(c^T G c) - 2 tr(c^T X) + ||T||^2."""
+    return float(np.einsum("ij,ik,kj->", coef, gram, coef) - 2 * np.einsum("ij,ij->", coef, cross) + energy.sum())
+
+
+def _up_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """The part of `model` that computes `tensor`, with it as the only output (onnxruntime runs
+    every node of a graph, whatever outputs are asked for)."""
+    producers = {o: node for node in model.graph.node for o in node.output}
+    needed, todo = set(), [tensor]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            todo.extend(node.input)
+    part = onnx.ModelProto()
+    part.CopyFrom(model)
+    keep = [node for node in model.graph.node if node.name in needed]
+    read = {name for node in keep for name in node.input}
+    del part.graph.node[:], part.graph.output[:], part.graph.value_info[:]
+    part.graph.node.extend(keep)
+    part.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    inits = [t for t in model.graph.initializer if t.name in read]
+    del part.graph.initializer[:]
+    part.graph.initializer.extend(inits)
+    return part
