@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ratios", default="0.25,0.4375,0.5,0.75")
     parser.add_argument("--models", default="resnet56,resnet20,resnet50")
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="round kept channels to multiples of K, for GKP and L1 alike")
+    parser.add_argument("--out", default="latency", help="results file stem")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     images = np.load(asset(IMAGES))
@@ -72,8 +75,8 @@ def main() -> None:
             specs = input_specs(dense)
             dense_macs = model_stats(dense, specs).macs
             for ratio in ratios:
-                gkp, report = optimize(dense, ratio=ratio, validate=False)
-                l1, _ = l1_filter_pruning(dense, ratio)
+                gkp, report = optimize(dense, ratio=ratio, validate=False, channel_multiple=args.channel_multiple)
+                l1, _ = l1_filter_pruning(dense, ratio, channel_multiple=args.channel_multiple)
                 variants = {"gkp": gkp, "l1-filter": l1}
                 timings = bench([dense, gkp, l1], names=["dense", "gkp", "l1-filter"], batches=BATCHES[name],
                                 threads=args.threads, repeats=args.repeats)
@@ -94,14 +97,16 @@ def main() -> None:
                     print(f"{name:<9} p={ratio:<6} {label:<9} MACs x{mac_ratio:.3f} (ideal {1 / mac_ratio:.2f}x)  "
                           f"{speed}  gathers {row['gathers']}{top1}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency.json").write_text(json.dumps(
-        {"provider": describe_provider("cpu", args.threads), "repeats": args.repeats, "rows": rows}, indent=1))
-    (RESULTS / "latency.md").write_text(markdown(rows, args))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(
+        {"provider": describe_provider("cpu", args.threads), "repeats": args.repeats,
+         "channel_multiple": args.channel_multiple, "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, args))
 
 
 def markdown(rows: list[dict], args) -> str:
     lines = ["# Latency: GKP vs dense vs L1 filter pruning (onnxruntime CPU)", "",
-             f"{describe_provider('cpu', args.threads)}, {args.repeats} interleaved repeats, medians. "
+             f"{describe_provider('cpu', args.threads)}, {args.repeats} interleaved repeats, medians; "
+             f"kept channels rounded to multiples of {args.channel_multiple}. "
              "Speed-up = dense median / variant median; 'of ideal' = speed-up x MAC ratio. "
              "Top-1: one-shot (no recovery) on the 500 carried exact-pixel CIFAR-10 test images.", "",
              "| model | ratio | variant | G | MAC ratio | ideal | speed-up (batch) | of ideal | Gathers | top-1 |",

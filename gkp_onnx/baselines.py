@@ -24,9 +24,10 @@ from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan, SkippedLayer
 
 
-def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None) -> Plan:
+def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None,
+                   channel_multiple: int = 1) -> Plan:
     plan = Plan(ratio=ratio, method="l1-filter", seed=0)
-    run_passes([Analyze(input_specs(model, input_shapes))], model, plan)
+    run_passes([Analyze(input_specs(model, input_shapes), channel_multiple=channel_multiple)], model, plan)
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {o: node for node in model.graph.node for o in node.output}
     readers = Counter(name for node in model.graph.node for name in node.input)
@@ -47,10 +48,10 @@ def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | No
     return plan
 
 
-def l1_filter_pruning(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None
-                      ) -> tuple[onnx.ModelProto, Plan]:
+def l1_filter_pruning(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None,
+                      channel_multiple: int = 1) -> tuple[onnx.ModelProto, Plan]:
     working = onnx.ModelProto()
     working.CopyFrom(model)
     ensure_node_names(working)
-    plan = l1_filter_plan(working, ratio, input_shapes)
+    plan = l1_filter_plan(working, ratio, input_shapes, channel_multiple)
     return run_passes([RewriteConv(), FoldGathers()], working, plan)

@@ -3,6 +3,7 @@
 All variants of one (provider, batch) are loaded together, warmed up, then timed interleaved
 (A B A B ...) so that machine noise hits them alike; the median and p90 of the per-call times
 are reported with the speed-up of each model over the first (median_first / median_model).
+Worker threads do not spin between runs: a spinning pool of one session would slow the next.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def describe_provider(name: str, threads: int | None) -> str:
     settings = dict(options)
     if name == "cpu":
         settings["intra_op_num_threads"] = threads or "default"
+        settings["allow_spinning"] = 0
     return f"{provider} " + ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
@@ -63,7 +65,7 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
     results = []
     for provider_name in providers:
         provider = [provider_spec(provider_name)]
-        sessions = [make_session(m, provider, threads) for m in loaded]
+        sessions = [make_session(m, provider, threads, spinning=False) for m in loaded]
         for batch in batches:
             feed = random_dataset(specs, seed, batch=batch).inputs
             for session in sessions:

@@ -60,6 +60,9 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speed-weight", type=float, default=DEFAULT_SPEED_WEIGHT,
                        help=f"weight of estimated latency vs kept importance in the auto choice "
                             f"(default {DEFAULT_SPEED_WEIGHT})")
+    group.add_argument("--channel-multiple", type=int, default=1, metavar="K",
+                       help="round kept channels per group to the nearest multiple of K (8 suits "
+                            "onnxruntime CPU's NCHWc kernels; the ratio then holds only on average)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
     nm = parser.add_argument_group("N:M sparsity (MatMul/Gemm weights; TensorRT sparse tensor cores)")
@@ -76,6 +79,7 @@ def _options(args: argparse.Namespace) -> dict:
 
     return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
                 include_stem=args.include_stem, min_group_width=args.min_group_width,
+                channel_multiple=args.channel_multiple,
                 speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, nm=args.nm, nm_conv=args.nm_conv,
                 nm_include_head=args.nm_include_head, nm_permute=args.nm_permute,
                 input_shapes=dict(getattr(args, "input_shape", [])),

@@ -40,6 +40,7 @@ class OptimizeOptions:
     include_stem: bool = False
     seed: int = 0
     min_group_width: int = 8
+    channel_multiple: int = 1  # round kept channels per group to a multiple of this (8: AVX2 NCHWc)
     speed_weight: float = DEFAULT_SPEED_WEIGHT
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calib: str | None = None
@@ -65,6 +66,8 @@ class OptimizeOptions:
             parse_nm(self.nm)
         if self.reconstruct and not self.calib:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
+        if self.channel_multiple < 1:
+            raise GkpError(f"--channel-multiple must be a positive integer, got {self.channel_multiple}")
         if self.groups is not None and self.groups < 1:
             raise GkpError(f"--groups must be a positive integer or 'auto', got {self.groups}")
         patterns = []
@@ -83,7 +86,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     `model` is never modified. Keyword options are the fields of `OptimizeOptions`
     (ratio, groups, method, exclude, seed, calib, nm, ...).
     """
-    opts = options.pop("options", None) or OptimizeOptions(**options)
+    opts = OptimizeOptions(**options)
     patterns = opts.checked()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -138,7 +141,7 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if not opts.gkp:
         return model, plan
-    run_passes([Analyze(specs, patterns, opts.include_stem)], model, plan)
+    run_passes([Analyze(specs, patterns, opts.include_stem, opts.channel_multiple)], model, plan)
     if not plan.layers:
         return model, plan
     choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)

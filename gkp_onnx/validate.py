@@ -37,11 +37,15 @@ class Dataset:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExecutionProvider",),
-                 threads: int | None = None) -> ort.InferenceSession:
+                 threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session; `spinning=False` stops idle worker threads from busy-waiting, which
+    would steal the cores from another session run right after (interleaved benchmarks)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto) and is_large(model):
         # too large for one protobuf: go through a file; the session holds the weights once created
         with tempfile.TemporaryDirectory(prefix="gkp-session-") as tmp:

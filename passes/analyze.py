@@ -28,18 +28,28 @@ from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 STEM_MAX_CHANNELS = 4
 
 
-def kept_per_group(in_channels: int, ratio: float) -> int:
-    """n = round((1 - ratio) * Ci), half rounded up, at least one channel."""
-    return max(1, int((1.0 - ratio) * in_channels + 0.5))
+def kept_per_group(in_channels: int, ratio: float, multiple: int = 1) -> int:
+    """n = round((1 - ratio) * Ci), half rounded up, at least one channel.
+
+    With `multiple` > 1 (hardware-friendly shapes: onnxruntime's NCHWc Conv kernels want channel
+    counts that are multiples of 8 on AVX2, 16 on AVX512), n is rounded to the nearest multiple,
+    kept within [multiple, Ci]; layers with fewer than `multiple` input channels keep the plain n.
+    """
+    n = max(1, int((1.0 - ratio) * in_channels + 0.5))
+    if multiple > 1 and in_channels >= multiple:
+        n = min(in_channels, max(multiple, multiple * int(n / multiple + 0.5)))
+    return n
 
 
 class Analyze(Pass):
     name = "analyze"
 
-    def __init__(self, specs: list[InputSpec], exclude: list[re.Pattern] = (), include_stem: bool = False):
+    def __init__(self, specs: list[InputSpec], exclude: list[re.Pattern] = (), include_stem: bool = False,
+                 channel_multiple: int = 1):
         self.specs = specs
         self.exclude = list(exclude)
         self.include_stem = include_stem
+        self.channel_multiple = channel_multiple
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         names = [n.name for n in model.graph.node]
@@ -63,7 +73,7 @@ class Analyze(Pass):
             plan.layers.append(LayerPlan(
                 node=node.name, weight=node.input[1], out_channels=co, in_channels=ci,
                 kernel_shape=list(kernel), macs=node_macs(node, shapes),
-                kept_per_group=kept_per_group(ci, plan.ratio)))
+                kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple)))
         return PassResult(model, plan, modified=False)
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:

@@ -66,3 +66,12 @@ def test_dynamic_weight_and_grouped_conv_are_skipped():
     reasons = {s.node: s.reason for s in plan.skipped}
     assert "not a constant initializer" in reasons["dyn"]
     assert "already grouped (group=2)" == reasons["grp"]
+
+
+def test_channel_multiple_rounds_kept_channels_for_nchwc_kernels():
+    assert kept_per_group(16, 0.4375, multiple=8) == 8  # 9 -> 8
+    assert kept_per_group(32, 0.4375, multiple=8) == 16  # 18 -> 16
+    assert kept_per_group(64, 0.4375, multiple=8) == 40  # 36 -> 40 (nearest)
+    assert kept_per_group(16, 0.1, multiple=8) == 16  # never more than Ci
+    assert kept_per_group(16, 0.9, multiple=8) == 8  # never fewer than the multiple
+    assert kept_per_group(4, 0.5, multiple=8) == 2  # too narrow to round: the plain n

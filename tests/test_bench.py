@@ -16,7 +16,7 @@ def test_bench_reports_every_model_and_batch_relative_to_the_first(tmp_path):
     assert all(t.median_ms > 0 and t.p90_ms >= t.median_ms for t in timings)
     assert timings[0].speedup == 1.0 and timings[1].speedup == pytest.approx(timings[0].median_ms / timings[1].median_ms)
     text = format_timings(timings, 1)
-    assert "CPUExecutionProvider intra_op_num_threads=1; batch 4" in text
+    assert "CPUExecutionProvider intra_op_num_threads=1, allow_spinning=0; batch 4" in text
 
 
 def test_bench_cli_writes_json_and_rejects_unavailable_providers(tmp_path, capsys):

@@ -27,3 +27,22 @@ def test_resnet50_shapes():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert shape == (1, 3, 224, 224) and len(convs) == 53
     assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's resnet50
+
+
+def test_llama2c_checkpoint_matches_the_onnx_export_and_tokenizer_decodes():
+    from onnx import numpy_helper
+
+    from conftest import shared_file
+    from gkp_onnx.models.llama2c import decode, load_checkpoint, load_tokenizer
+
+    config, weights = load_checkpoint(shared_file("tinyllama-aidreams260K/aidreams260K.bin"))
+    assert (config.dim, config.hidden_dim, config.n_layers, config.vocab_size) == (64, 172, 4, 512)
+    assert config.shared_classifier
+    exported = onnx.load(shared_file("tinyllama-aidreams260K/aidreams260K_derived.onnx"))
+    w2 = next(n for n in exported.graph.node if n.name == "/layers.0/w2/MatMul").input[1]
+    onnx_w2 = numpy_helper.to_array(next(t for t in exported.graph.initializer if t.name == w2))
+    np.testing.assert_array_equal(onnx_w2, weights["w2"][0].T)  # MatMul B = W^T
+    pieces = load_tokenizer(shared_file("tinyllama-aidreams260K/tok512.bin"), config.vocab_size)
+    assert len(pieces) == 512
+    assert decode(pieces, [1, *[pieces.index(p) for p in pieces[300:303]]]) == \
+        b"".join(pieces[300:303]).decode("utf-8", errors="replace").lstrip()

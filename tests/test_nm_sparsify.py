@@ -164,3 +164,25 @@ def test_real_tiny_llama_all_projections_2_4_head_dense():
         assert layer.kept_magnitude >= layer.kept_magnitude_plain - 1e-12
     head = next(n for n in model.graph.node if n.output[0] == "logits")
     np.testing.assert_array_equal(w[head.input[1]], original[head.input[1]])
+
+
+def test_weight_behind_cast_is_masked_in_its_stored_dtype():
+    nodes = [helper.make_node("Cast", ["w16"], ["w"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="act")]
+    model = build(nodes, [weight("w16", [16, 8], np.float16)], [2, 16])
+    out, report = optimize(model, gkp=False, nm="2:4")
+    w16 = next(t for t in out.graph.initializer if t.name == "w16")
+    assert w16.data_type == TensorProto.FLOAT16 and satisfies_nm(numpy_helper.to_array(w16), 0, 2, 4)
+    assert report.nm.layers[0].weight == "w16"
+
+
+def test_exclude_keeps_a_layer_dense():
+    model = mlp()
+    with pytest.raises(GkpError, match="excluded by --exclude"):
+        optimize(model, gkp=False, nm="2:4", exclude=["fc1"])
+    out, report = optimize(model, gkp=False, nm="2:4", exclude=["fc1"], nm_include_head=True)
+    assert [layer.node for layer in report.nm.layers] == ["fc2"]
+    w1, original = weights_of(out)["w1"], weights_of(model)["w1"]
+    assert (w1 != 0).all()  # excluded: dense; its columns may carry fc2's free channel permutation
+    np.testing.assert_array_equal(np.sort(w1, axis=1), np.sort(original, axis=1))
