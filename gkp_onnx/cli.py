@@ -92,15 +92,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from gkp_onnx.optimize import optimize
 
     out = check_output_path(args.input, args.output)
+    bench = dict(bench_batches=args.bench_batch, bench_providers=args.providers, bench_threads=args.threads,
+                 bench_repeats=args.bench_repeats) if args.bench else {}
     optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, reconstruct=args.reconstruct,
-                                 **_options(args))
+                                 **bench, **_options(args))
     save_model(optimized, out)
-    if args.bench:
-        from gkp_onnx.bench import bench
-
-        report.latency = bench([args.input, optimized], names=["input", "optimized"], batches=args.bench_batch,
-                               providers=args.providers, threads=args.threads, input_shapes=dict(args.input_shape),
-                               repeats=args.bench_repeats)
     if args.report:
         report.save(args.report)
     if args.save_plan:

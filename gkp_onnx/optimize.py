@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from gkp_onnx.bench import bench
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.model_io import check_model, load_model
@@ -51,6 +52,10 @@ class OptimizeOptions:
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
     fold: bool = True  # fold channel Gathers into their producing Convs
     reconstruct: bool = False  # refit the kept kernels on the calibration data (needs calib)
+    bench_batches: list[int] = field(default_factory=list)  # measure input vs optimized latency
+    bench_providers: list[str] = field(default_factory=lambda: ["cpu"])
+    bench_threads: int | None = None
+    bench_repeats: int = 30
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -128,6 +133,12 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         report.fidelity = compare(working, optimized, data)
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
+    if opts.bench_batches:  # latency is measured, never assumed: a slower result fails
+        report.latency = bench([working, optimized], names=["input", "optimized"], batches=opts.bench_batches,
+                               providers=opts.bench_providers, threads=opts.bench_threads,
+                               input_shapes=opts.input_shapes, repeats=opts.bench_repeats)
+        report.failures += [f"optimized model is slower than the input on {t.provider} at batch {t.batch} "
+                            f"({t.speedup:.2f}x)" for t in report.latency if t.model == "optimized" and t.speedup < 1]
     return optimized, report
 
 
