@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gkp_onnx.passes.nm_sparsify import reduction_axis
+
 UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "LeakyRelu", "Clip", "Identity", "Neg",
          "Abs", "Exp", "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Cast"}
 BINARY = {"Add", "Mul", "Sub", "Div"}
@@ -154,8 +156,6 @@ class Region:
 
 def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | None:
     """The region around `tensor` (K = `channels`), or None when the order cannot be changed for free."""
-    from gkp_onnx.passes.nm_sparsify import reduction_axis
-
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {o: node for node in model.graph.node for o in node.output}
     readers = defaultdict(list)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.pipeline import Pass, PassResult
@@ -222,7 +222,7 @@ class NmSparsify(Pass):
         self.result: NmResult | None = None
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        from gkp_onnx.passes.nm_permutation import permute_reduction_channels
+        from gkp_onnx.passes.nm_permutation import permute_reduction_channels  # it imports this module
 
         refs, skipped = nm_candidates(model, self.n, self.m, self.ops, self.exclude, self.include_head)
         result = NmResult(self.n, self.m, skipped=skipped)
