@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # graph-optimizer warnings are noise on a terminal
     try:
         return args.func(args)
     except GkpError as exc:

@@ -23,7 +23,6 @@ from gkp_onnx.model_io import is_large, save_model
 
 RANDOM_BATCH = 8
 RUN_BATCH = 64
-ort.set_default_logger_severity(3)  # graph-optimizer warnings are noise to our users
 
 
 @dataclass
