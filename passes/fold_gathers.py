@@ -194,7 +194,8 @@ def _replace(model, initializers, name, transform, node=None, slot=None) -> None
 
 
 def _drop_unread(model: onnx.ModelProto) -> None:
+    """Delete initializers nothing reads, in place (rebuilding the list would copy every weight)."""
     read = {name for node in model.graph.node for name in node.input}
-    keep = [t for t in model.graph.initializer if t.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    for index in reversed(range(len(model.graph.initializer))):
+        if model.graph.initializer[index].name not in read:
+            del model.graph.initializer[index]
