@@ -88,12 +88,6 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
 
-    def layer(self, node: str) -> LayerPlan:
-        for layer in self.layers:
-            if layer.node == node:
-                return layer
-        raise KeyError(node)
-
     def to_dict(self) -> dict:
         return {
             "format": PLAN_FORMAT,

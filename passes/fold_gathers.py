@@ -55,7 +55,6 @@ class FoldGathers(Pass):
             folded += 1
         if folded:
             del model.graph.value_info[:]
-        self.folded = folded
         return PassResult(model, plan, modified=bool(folded))
 
     def _fold_one(self, model: onnx.ModelProto) -> bool:
@@ -69,31 +68,27 @@ class FoldGathers(Pass):
             if index is None:
                 continue
             top, chain = walk_to_producer(gather.input[0], producers, readers, outputs, initializers)
-            if top is not None and top.op_type == "Conv" and len(chain_index(chain, index, initializers)[-1]) \
-                    <= initializers[top.input[1]].dims[0]:
-                self._fold(model, gather, top, chain, index, initializers)
+            indices = chain_index(chain, index, initializers)
+            if top is not None and len(indices[-1]) <= initializers[top.input[1]].dims[0]:
+                self._fold(model, gather, top, chain, indices, initializers)
                 return True
             inner = next((node for node in chain if node.op_type == "Gather"), None)
             if inner is not None:  # compose with the nearest Gather above: one Gather instead of two
-                below = chain[:chain.index(inner)]
-                self._fold(model, gather, inner, below, index, initializers)
+                position = chain.index(inner)
+                self._fold(model, gather, inner, chain[:position], indices[:position + 1], initializers)
                 return True
         return False
 
-    def _fold(self, model, gather, top, chain, index, initializers) -> None:
+    def _fold(self, model, gather, top, chain, indices, initializers) -> None:
         """Make `top` (a Conv, or a Gather to compose with) compute what `gather` reads; drop the
-        Gathers in between."""
-        indices = chain_index(chain, index, initializers)
+        Gathers in between. `indices`: chain_index of the chain, then the one for `top`."""
         for node, node_index in zip(chain, indices):
             if node.op_type != "Gather":
                 self._reindex_params(model, node, node_index, initializers)
-        top_index = indices[-1]
-        if top.op_type == "Conv":
-            _replace(model, initializers, top.input[1], lambda w: w[top_index])
-            if len(top.input) > 2 and top.input[2]:
-                _replace(model, initializers, top.input[2], lambda b: b[top_index])
-        else:
-            _replace(model, initializers, top.input[1], lambda p: p[top_index])
+        top_index = indices[-1]  # Conv weight and bias, or a Gather's indices: all indexed on axis 0
+        for slot in range(1, 3 if top.op_type == "Conv" else 2):
+            if slot < len(top.input) and top.input[slot]:
+                _replace(model, initializers, top.input[slot], lambda v: v[top_index], top, slot)
         # rewire: drop the Gathers strictly inside the chain, then the folded Gather itself
         for node in [n for n in chain if n.op_type == "Gather"]:
             for reader in model.graph.node:
@@ -180,11 +175,11 @@ def _channel_constant(name, initializers) -> str | None:
     return None
 
 
-def _replace(model, initializers, name, transform, node=None, slot=None) -> None:
-    """Transform an initializer; a shared one gets a private copy for `node` instead."""
+def _replace(model, initializers, name, transform, node, slot) -> None:
+    """Transform the initializer `node` reads at `slot`; a shared one gets a private copy instead."""
     values = transform(numpy_helper.to_array(initializers[name]))
     readers = sum(name == i for n in model.graph.node for i in n.input)
-    if readers <= 1 or node is None:
+    if readers <= 1:
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), name))
         return
     new_name = f"{name}_{node.name}_folded"
