@@ -103,6 +103,11 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph, do_type_check=False)
 
 
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node attribute, or `default` when the node does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
     """Multiply-accumulates of one Conv/Gemm/MatMul node, None when shapes are unknown."""
     out = shapes.get(node.output[0])
@@ -115,7 +120,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
         a = shapes.get(node.input[0])
         if a is None:
             return None
-        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        trans_a = node_attr(node, "transA", 0)
         return int(np.prod(out) * (a[0] if trans_a else a[1]))
     if node.op_type == "MatMul":
         a = shapes.get(node.input[0])

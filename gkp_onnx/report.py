@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gkp_onnx.bench import timings_to_dict
 from gkp_onnx.graph_stats import ModelStats
 from gkp_onnx.passes.nm_sparsify import NmResult
 from gkp_onnx.plan import Plan
@@ -57,7 +58,7 @@ class Report:
             "failures": self.failures,
             "timings_s": self.timings,
             "plan": self.plan.to_dict(),
-            "latency": None if self.latency is None else [asdict(t) for t in self.latency],
+            "latency": None if self.latency is None else timings_to_dict(self.latency),
             "reconstruction": None if self.reconstruction is None else {
                 node: {"mse_before": before, "mse_after": after} for node, (before, after) in self.reconstruction.items()},
             "nm": None if self.nm is None else {

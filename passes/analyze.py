@@ -21,7 +21,7 @@ from collections import Counter
 
 import onnx
 
-from gkp_onnx.graph_stats import InputSpec, graph_inputs, infer_shapes, node_macs
+from gkp_onnx.graph_stats import InputSpec, graph_inputs, infer_shapes, node_attr, node_macs
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -80,7 +80,7 @@ class Analyze(Pass):
         weight = node.input[1]
         if weight not in initializers:
             return "weight is not a constant initializer (computed at run time)"
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        group = node_attr(node, "group", 1)
         dims = list(initializers[weight].dims)
         if group != 1:
             return "depthwise Conv" if group == dims[0] and dims[1] == 1 else f"already grouped (group={group})"

@@ -34,16 +34,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
 UNARY_PER_CHANNEL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
                      "Softplus", "Mish", "Identity", "PRelu"}
 BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 class FoldGathers(Pass):
@@ -122,7 +119,7 @@ def walk_to_producer(tensor, producers, readers, outputs, initializers):
             return None, chain
         if node.op_type == "Conv":
             params = [name for name in node.input[1:] if name]
-            if _attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
+            if node_attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
                 return None, chain
             return node, chain
         if _gather_index(node, initializers) is None and not is_per_channel(node, initializers):
@@ -144,7 +141,7 @@ def is_per_channel(node, initializers) -> bool:
 
 def _gather_index(node, initializers) -> np.ndarray | None:
     """The constant 1-D indices of a channel Gather (axis 1), else None."""
-    if node.op_type != "Gather" or _attr(node, "axis", 0) != 1 or node.input[1] not in initializers:
+    if node.op_type != "Gather" or node_attr(node, "axis", 0) != 1 or node.input[1] not in initializers:
         return None
     index = numpy_helper.to_array(initializers[node.input[1]])
     return index if index.ndim == 1 and (index >= 0).all() else None

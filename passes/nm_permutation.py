@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.passes.nm_sparsify import reduction_axis
 
 UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "LeakyRelu", "Clip", "Identity", "Neg",
@@ -181,7 +182,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
             return None
         if node.op_type == "Constant":  # a scalar / broadcast operand of an element-wise op
             region.tensors.discard(t)
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            value = node_attr(node, "value")
             if value is None or (value.dims and value.dims[-1] != 1):
                 return None
             continue
@@ -213,7 +214,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
             return None
         for reader in readers[t]:
             if reader.op_type in ("MatMul", "Gemm") and reader.input[0] == t and t not in reader.input[1:]:
-                trans_a = next((a.i for a in reader.attribute if a.name == "transA"), 0)
+                trans_a = node_attr(reader, "transA", 0)
                 weight = plain_weight(reader)
                 if trans_a or weight is None:
                     return None

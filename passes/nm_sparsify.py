@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
@@ -91,7 +92,7 @@ class WeightRef:
 
 def reduction_axis(node: onnx.NodeProto, rank: int) -> int:
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        trans_b = node_attr(node, "transB", 0)
         return 1 if trans_b else 0
     if node.op_type == "Conv":
         return 1
@@ -109,10 +110,10 @@ def find_weight(node: onnx.NodeProto, producers: dict, initializers: dict) -> We
         if producer.op_type == "Transpose":
             if perm is not None:
                 return "weight behind two Transposes"
-            perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), None)
+            perm = node_attr(producer, "perm")
         elif producer.op_type == "DequantizeLinear":
             zero_point = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
-            quant_axis = next((a.i for a in producer.attribute if a.name == "axis"), 1)
+            quant_axis = node_attr(producer, "axis", 1)
         name = producer.input[0]
     rank = len(initializers[name].dims)
     axis = reduction_axis(node, rank)
@@ -158,7 +159,7 @@ def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=()
         ref = find_weight(node, producers, initializers)
         reason = ref if isinstance(ref, str) else None
         if reason is None:
-            if node.op_type == "Conv" and next((a.i for a in node.attribute if a.name == "group"), 1) != 1 \
+            if node.op_type == "Conv" and node_attr(node, "group", 1) != 1 \
                     and initializers[ref.initializer].dims[1] == 1:
                 reason = "depthwise Conv"
             elif any(readers[t] > 1 for t in [ref.initializer] + ref.path):
