@@ -110,7 +110,7 @@ def find_weight(node: onnx.NodeProto, producers: dict, initializers: dict) -> We
         if producer.op_type == "Transpose":
             if perm is not None:
                 return "weight behind two Transposes"
-            perm = node_attr(producer, "perm")
+            perm = node_attr(producer, "perm", [])  # no perm attribute: the axes are reversed
         elif producer.op_type == "DequantizeLinear":
             zero_point = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
             quant_axis = node_attr(producer, "axis", 1)

@@ -91,6 +91,15 @@ def test_weight_behind_transpose_is_masked_on_the_mapped_axis():
     assert report.nm.layers[0].axis == 1 and satisfies_nm(weights_of(out)["w"], 1, 2, 4)
 
 
+def test_transpose_without_perm_reverses_the_axes():
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="t"),  # default: reverse
+             helper.make_node("MatMul", ["x", "wt"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="act")]
+    model = build(nodes, [weight("w", [8, 16])], [2, 16])
+    out, report = optimize(model, gkp=False, nm="2:4")
+    assert report.nm.layers[0].axis == 1 and satisfies_nm(weights_of(out)["w"], 1, 2, 4)
+
+
 def test_dequantize_linear_pruned_to_the_zero_point():
     q = numpy_helper.from_array(np.random.default_rng(0).integers(-100, 100, (16, 8)).astype(np.int8), "wq")
     nodes = [helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w"], name="dq"),
