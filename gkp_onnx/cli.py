@@ -35,6 +35,30 @@ def _add_shapes(parser: argparse.ArgumentParser) -> None:
                              "a dynamic batch dim defaults to 1")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}") from None
+
+
+def _add_images(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image folders (DIR/<class>/<image> as data: preprocessing)")
+    group.add_argument("--resize", type=int, metavar="PX", help="resize the shorter side to PX (default: --crop)")
+    group.add_argument("--crop", type=int, metavar="PX", help="centre crop PX x PX (default: the model's input size)")
+    group.add_argument("--mean", type=_floats, default=(0.0, 0.0, 0.0), metavar="R,G,B",
+                       help="subtracted after scaling pixels to [0, 1] (default 0)")
+    group.add_argument("--std", type=_floats, default=(1.0, 1.0, 1.0), metavar="R,G,B",
+                       help="divided by after subtracting the mean (default 1)")
+    group.add_argument("--bgr", action="store_true", help="the model takes BGR channel order")
+
+
+def _images(args: argparse.Namespace):
+    from gkp_onnx.images import ImageSpec
+
+    return ImageSpec(args.resize, args.crop, args.mean, args.std, args.bgr)
+
+
 def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fidelity thresholds (exit code 1 when missed)")
     group.add_argument("--max-abs-diff", type=float)
@@ -94,8 +118,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = check_output_path(args.input, args.output)
     bench = dict(bench_batches=args.bench_batch, bench_providers=args.providers, bench_threads=args.threads,
                  bench_repeats=args.bench_repeats) if args.bench else {}
-    optimized, report = optimize(args.input, calib=args.calib, plan=args.plan, reconstruct=args.reconstruct,
-                                 **bench, **_options(args))
+    optimized, report = optimize(args.input, calib=args.calib, images=_images(args), plan=args.plan,
+                                 reconstruct=args.reconstruct, **bench, **_options(args))
     save_model(optimized, out)
     if args.report:
         report.save(args.report)
@@ -120,8 +144,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     reference, candidate = load_model(args.reference), load_model(args.candidate)
     specs = input_specs(reference, dict(args.input_shape))
-    data = load_dataset(args.data, specs) if args.data else random_dataset(specs, args.seed, RANDOM_BATCH)
+    data = load_dataset(args.data, specs, images=_images(args)) if args.data \
+        else random_dataset(specs, args.seed, RANDOM_BATCH)
     result = compare(reference, candidate, data)
+    _print_fidelity(result)
+    failures = Thresholds(args.max_abs_diff, args.min_cosine, args.min_top1_agreement).failures(result)
+    print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
+    return 0 if not failures else 1
+
+
+def _print_fidelity(result) -> None:
     for output in result.outputs:
         top1 = f"  top-1 agreement {100 * output.top1_agreement:.2f}%" if output.top1_agreement is not None else ""
         print(f"{output.name}: max|diff| {output.max_abs_diff:.4g}  mean|diff| {output.mean_abs_diff:.4g}  "
@@ -129,9 +161,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if result.accuracy_reference is not None:
         print(f"accuracy: {100 * result.accuracy_reference:.2f}% -> {100 * result.accuracy_candidate:.2f}% "
               f"({result.samples} samples)")
-    failures = Thresholds(args.max_abs_diff, args.min_cosine, args.min_top1_agreement).failures(result)
-    print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
-    return 0 if not failures else 1
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.model_io import check_output_path, load_model, save_model
+    from gkp_onnx.recover import RecoverOptions, recover
+    from gkp_onnx.validate import compare, load_dataset
+
+    out = check_output_path(args.pruned, args.output)
+    check_output_path(args.teacher, args.output)
+    options = RecoverOptions(epochs=args.epochs, lr=args.lr, batch=args.batch, weight_decay=args.weight_decay,
+                             temperature=args.temperature, labels=args.labels, augment=args.augment,
+                             device=args.device, seed=args.seed, checkpoint=args.checkpoint,
+                             checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+    pruned, teacher = load_model(args.pruned), load_model(args.teacher)
+    specs = input_specs(teacher, dict(args.input_shape))
+    data = load_dataset(args.data, specs, images=_images(args), limit=args.limit, seed=args.seed)
+    evaluation = load_dataset(args.eval, specs, images=_images(args)) if args.eval else None
+    if evaluation is not None:
+        print("before recovery:")
+        _print_fidelity(compare(teacher, pruned, evaluation))
+    recovered, report = recover(pruned, teacher, data, options)
+    print(report.summary())
+    if evaluation is not None:
+        print("after recovery:")
+        _print_fidelity(compare(teacher, recovered, evaluation))
+    save_model(recovered, out)
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -175,13 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     _add_pruning(p)
     _add_shapes(p)
-    p.add_argument("--calib", metavar="DATA.npz", help="inputs (and labels y) to validate on; else random inputs")
+    p.add_argument("--calib", metavar="DATA.npz|DIR", help="inputs (and labels) to validate on; else random inputs")
     p.add_argument("--reconstruct", action="store_true",
                    help="refit the kept kernels layer by layer on the --calib inputs (no labels needed)")
     p.add_argument("--report", metavar="REPORT.json", help="write the report (with the plan) as JSON")
     p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
     p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")
     _add_thresholds(p)
+    _add_images(p)
     group = p.add_argument_group("latency (--bench: measure input vs optimized with onnxruntime)")
     group.add_argument("--bench", action="store_true")
     group.add_argument("--bench-batch", type=_batches, default=[1], metavar="B1,B2,..")
@@ -200,11 +259,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="fidelity of a candidate model against a reference")
     p.add_argument("reference")
     p.add_argument("candidate")
-    p.add_argument("--data", metavar="DATA.npz", help="inputs (and labels y); else seeded random inputs")
+    p.add_argument("--data", metavar="DATA.npz|DIR", help="inputs (and labels y); else seeded random inputs")
     p.add_argument("--seed", type=int, default=0)
     _add_shapes(p)
     _add_thresholds(p)
+    _add_images(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("recover", help="distillation fine-tuning of a pruned model against the original")
+    p.add_argument("pruned")
+    p.add_argument("output")
+    p.add_argument("--teacher", required=True, metavar="ORIGINAL.onnx")
+    p.add_argument("--data", required=True, metavar="DATA.npz|DIR", help="training inputs (.npz or image folder)")
+    p.add_argument("--labels", action="store_true", help="add cross-entropy on the data's labels")
+    p.add_argument("--limit", type=int, metavar="N", help="train on a seeded random subset of N samples")
+    p.add_argument("--eval", metavar="DATA.npz|DIR", help="report fidelity/accuracy before and after on this data")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, cosine decay (default 1e-4)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop/flip of image inputs")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", metavar="DIR", help="save progress here; a rerun resumes from it")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps (resume later with --checkpoint)")
+    _add_shapes(p)
+    _add_images(p)
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("bench", help="latency of models side by side (interleaved, median and p90)")
     p.add_argument("models", nargs="+")

@@ -21,6 +21,7 @@ from gkp_onnx.model_io import check_model, load_model
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
+from gkp_onnx.images import ImageSpec
 from gkp_onnx.validate import RANDOM_BATCH, Dataset, Thresholds, channel_rms, compare, load_dataset, random_dataset
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, CostModel
@@ -44,7 +45,8 @@ class OptimizeOptions:
     channel_multiple: int = 1  # round kept channels per group to a multiple of this (8: AVX2 NCHWc)
     speed_weight: float = DEFAULT_SPEED_WEIGHT
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    calib: str | None = None
+    calib: str | None = None  # .npz or image folder
+    images: ImageSpec | None = None  # preprocessing when calib is an image folder
     thresholds: Thresholds = field(default_factory=Thresholds)
     validate: bool = True
     plan: str | None = None  # replay a saved plan instead of analysing
@@ -101,7 +103,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     working.CopyFrom(original)
     ensure_node_names(working)
     specs = input_specs(working, opts.input_shapes)
-    data = load_dataset(opts.calib, specs) if opts.calib else None
+    data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import InputSpec
+from gkp_onnx.images import ImageSpec, load_image_folder
 from gkp_onnx.model_io import is_large, save_model
 
 RANDOM_BATCH = 8
@@ -79,10 +80,27 @@ def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = No
     return Dataset(inputs)
 
 
-def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch: bool = True) -> Dataset:
-    """Read an .npz and check its arrays against the model's inputs (every axis but the batch)."""
+def subset(count: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random `limit` of `count` samples (all of them without a limit)."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch: bool = True,
+                 images: ImageSpec | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
+    """Read an .npz (arrays keyed by input name or `x`, optional labels `y`) or an image folder
+    (one subfolder per class, see gkp_onnx.images) and check it against the model's inputs (every
+    axis but the batch). `limit` keeps a seeded random subset of that many samples."""
+    if os.path.isdir(path):
+        if len(specs) != 1:
+            raise GkpError(f"an image folder can feed a single-input model; this one has {len(specs)} inputs")
+        x, y = load_image_folder(path, specs[0].shape, images or ImageSpec(), lambda n: subset(n, limit, seed))
+        return Dataset({specs[0].name: x.astype(specs[0].dtype, copy=False)}, y, source=str(path))
     try:
         archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive (np.savez writes one)")
         arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as exc:
         raise GkpError(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from None
@@ -107,8 +125,13 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
     if len(sizes) != 1:
         raise GkpError(f"data file {path}: input arrays have different lengths {sorted(sizes)}")
     labels = arrays.get("y")
-    if labels is not None and len(labels) != sizes.pop():
-        raise GkpError(f"data file {path}: {len(labels)} labels for {len(next(iter(inputs.values())))} samples")
+    count = sizes.pop()
+    if labels is not None and len(labels) != count:
+        raise GkpError(f"data file {path}: {len(labels)} labels for {count} samples")
+    chosen = subset(count, limit, seed)
+    if len(chosen) < count:
+        inputs = {name: array[chosen] for name, array in inputs.items()}
+        labels = None if labels is None else labels[chosen]
     return Dataset(inputs, labels, source=str(path))
 
 
