@@ -66,7 +66,7 @@ OP_CASES = {
     "pad_edge": ("Pad", {"x": X}, {"p": np.array([0, 0, 1, 0, 0, 0, 0, 3], I64)}, {"mode": "edge"}),
     "pad_constant": ("Pad", {"x": X}, {"p": np.array([0, 1, 1, 0, 0, 0, 2, 1], I64),
                                        "v": np.array(1.5, np.float32)}, {}),
-    "split_even": ("Split", {"x": X}, {}, {"axis": 3, "_outputs": 3, "_opset": 17}),
+    "split_even": ("Split", {"x": X}, {}, {"axis": 2, "_outputs": 3, "_opset": 17}),
     "split_num_outputs": ("Split", {"x": X}, {}, {"axis": 2, "_outputs": 3, "num_outputs": 3}),
     "split_sizes": ("Split", {"x": X}, {"s": np.array([1, 5], I64)}, {"axis": 2, "_outputs": 2}),
     "gather_scalar": ("Gather", {"x": X}, {"i": np.array(-2, I64)}, {"axis": 3}),
