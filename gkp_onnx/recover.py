@@ -204,7 +204,11 @@ def _loss(outputs, targets, labels, temperature: float) -> torch.Tensor:
         else:
             terms.append(F.mse_loss(student, teacher))
     if labels is not None:
-        terms.append(F.cross_entropy(outputs[0].reshape(-1, outputs[0].shape[-1]), labels.reshape(-1)))
+        logits = outputs[0].reshape(-1, outputs[0].shape[-1])
+        if logits.shape[0] != labels.numel():
+            raise GkpError(f"--labels: the first output {list(outputs[0].shape)} is not one row of logits "
+                           f"per label ({labels.numel()} labels in the batch)")
+        terms.append(F.cross_entropy(logits, labels.reshape(-1)))
     return sum(terms)
 
 

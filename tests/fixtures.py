@@ -150,6 +150,14 @@ def graph_output_inside() -> onnx.ModelProto:
     return b.build(b.conv(mid, 16), mid)
 
 
+def classifier() -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm: logits [batch, 10]."""
+    b = GraphBuilder()
+    y = b.conv(b.op("Relu", [b.conv("x", 16)]), 16)
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    return b.build(b.op("Gemm", [flat, b.weight("head.weight", [10, 16]), b.weight("head.bias", [10])], transB=1))
+
+
 def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
@@ -158,5 +166,5 @@ TOPOLOGIES = {
     "chain": chain, "residual": residual, "concat": concat, "fan_out": fan_out, "no_bias": no_bias,
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
-    "bn_chain": bn_chain, "graph_output_inside": graph_output_inside,
+    "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
 }
