@@ -84,6 +84,9 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speed-weight", type=float, default=DEFAULT_SPEED_WEIGHT,
                        help=f"weight of estimated latency vs kept importance in the auto choice "
                             f"(default {DEFAULT_SPEED_WEIGHT})")
+    group.add_argument("--cost-model", choices=["analytic", "measured"], default="analytic",
+                       help="latency estimate for the auto group count: analytic (onnxruntime-CPU rules) or "
+                            "measured (micro-benchmarks on this machine and provider, cached on disk)")
     group.add_argument("--channel-multiple", type=int, default=1, metavar="K",
                        help="round kept channels per group to the nearest multiple of K (8 suits "
                             "onnxruntime CPU's NCHWc kernels; the ratio then holds only on average)")
@@ -103,7 +106,7 @@ def _options(args: argparse.Namespace) -> dict:
 
     return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
                 include_stem=args.include_stem, min_group_width=args.min_group_width,
-                channel_multiple=args.channel_multiple,
+                channel_multiple=args.channel_multiple, cost_model=args.cost_model,
                 speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, nm=args.nm, nm_conv=args.nm_conv,
                 nm_include_head=args.nm_include_head, nm_permute=args.nm_permute,
                 input_shapes=dict(getattr(args, "input_shape", [])),

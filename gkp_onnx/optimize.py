@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -19,9 +20,9 @@ from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.model_io import check_model, load_model
 from gkp_onnx.pipeline import run_passes
-from gkp_onnx.plan import Plan
-from gkp_onnx.report import Report
 from gkp_onnx.images import ImageSpec
+from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
+from gkp_onnx.report import Report
 from gkp_onnx.validate import RANDOM_BATCH, Dataset, Thresholds, channel_rms, compare, load_dataset, random_dataset
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, CostModel
@@ -31,6 +32,11 @@ from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candida
 from gkp_onnx.passes.reconstruct import Reconstruct
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
+
+
+log = logging.getLogger(__name__)
+COST_MODELS = ("analytic", "measured")
+MAX_REVERT_ROUNDS = 4  # --bench: each round reverts the quarter of the pruned layers estimated slowest
 
 
 @dataclass
@@ -50,7 +56,7 @@ class OptimizeOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     validate: bool = True
     plan: str | None = None  # replay a saved plan instead of analysing
-    cost_model: CostModel | None = None
+    cost_model: CostModel | str | None = None  # "analytic" (default), "measured", or a CostModel
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
     fold: bool = True  # fold channel Gathers into their producing Convs
     reconstruct: bool = False  # refit the kept kernels on the calibration data (needs calib)
@@ -75,6 +81,8 @@ class OptimizeOptions:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
         if self.channel_multiple < 1:
             raise GkpError(f"--channel-multiple must be a positive integer, got {self.channel_multiple}")
+        if isinstance(self.cost_model, str) and self.cost_model not in COST_MODELS:
+            raise GkpError(f"unknown --cost-model {self.cost_model!r} (choose from {', '.join(COST_MODELS)})")
         if self.groups is not None and self.groups < 1:
             raise GkpError(f"--groups must be a positive integer or 'auto', got {self.groups}")
         patterns = []
@@ -117,6 +125,11 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
+    latency = None
+    if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
+        start = time.perf_counter()
+        optimized, latency, reconstruct = _never_slower(working, optimized, plan, opts, data, patterns, reconstruct)
+        timings["bench"] = time.perf_counter() - start
 
     check_model(optimized, what="(optimized)")
     try:
@@ -135,20 +148,68 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         report.fidelity = compare(working, optimized, data)
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
-    if opts.bench_batches:  # latency is measured, never assumed: a slower result fails
-        report.latency = bench([working, optimized], names=["input", "optimized"], batches=opts.bench_batches,
-                               providers=opts.bench_providers, threads=opts.bench_threads,
-                               input_shapes=opts.input_shapes, repeats=opts.bench_repeats)
+    if latency is not None:
+        report.latency = latency
         report.failures += [f"optimized model is slower than the input on {t.provider} at batch {t.batch} "
-                            f"({t.speedup:.2f}x)" for t in report.latency if t.model == "optimized" and t.speedup < 1]
+                            f"({t.speedup:.2f}x)" for t in _slower(latency)]
     return optimized, report
+
+
+def _slower(latency: list) -> list:
+    return [t for t in latency if t.model == "optimized" and t.speedup < 1]
+
+
+def _never_slower(working, optimized, plan: Plan, opts: OptimizeOptions, data, patterns, reconstruct):
+    """Measure input vs optimized; while slower, revert the pruned layers the cost model rates
+    slowest (a quarter per round) and rebuild from the same plan. Returns the model kept, its
+    latency, and the reconstruction that built it."""
+    def measure(candidate):
+        return bench([working, candidate], names=["input", "optimized"], batches=opts.bench_batches,
+                     providers=opts.bench_providers, threads=opts.bench_threads,
+                     input_shapes=opts.input_shapes, repeats=opts.bench_repeats)
+
+    latency = measure(optimized)
+    for _ in range(MAX_REVERT_ROUNDS):
+        if not _slower(latency) or not plan.layers:
+            break
+        ranked = sorted(plan.layers, key=_estimated_cost, reverse=True)
+        worst = {layer.node for layer in ranked[:max(1, len(ranked) // 4)]}
+        log.info("optimized model measured slower than the input: reverting %d layer(s) to dense", len(worst))
+        plan.skipped += [SkippedLayer(layer.node, "Conv", "reverted to dense: the optimized model measured "
+                                      "slower than the input") for layer in plan.layers if layer.node in worst]
+        plan.layers = [layer for layer in plan.layers if layer.node not in worst]
+        reconstruct = Reconstruct(working, data) if reconstruct else None
+        optimized, _ = run_passes(_finishing_passes(opts, reconstruct), working, plan)
+        if opts.nm:
+            optimized, _ = _nm_sparsity(optimized, opts, patterns, data)
+        latency = measure(optimized)
+    return optimized, latency, reconstruct
+
+
+def _estimated_cost(layer: LayerPlan) -> tuple[float, int]:
+    """The cost model's relative time of the chosen form (then the group count, for replayed plans)."""
+    cost = next((c.relative_cost for c in layer.candidates if c.group_count == layer.group_count), 0.0)
+    return cost, layer.group_count or 0
+
+
+def _cost_model(opts: OptimizeOptions) -> CostModel | None:
+    if opts.cost_model != "measured":
+        return None if opts.cost_model in (None, "analytic") else opts.cost_model
+    from gkp_onnx.cost_model import MeasuredCost
+
+    return MeasuredCost(provider=opts.bench_providers[0], threads=opts.bench_threads,
+                        batch=opts.bench_batches[0] if opts.bench_batches else 1)
+
+
+def _finishing_passes(opts: OptimizeOptions, reconstruct: Reconstruct | None) -> list:
+    return [RewriteConv()] + ([reconstruct] if reconstruct else []) + ([FoldGathers()] if opts.fold else [])
 
 
 def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions, patterns: list[re.Pattern],
                             reconstruct: Reconstruct | None) -> tuple[onnx.ModelProto, Plan]:
     """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv [-> reconstruct]
     [-> fold_gathers], or the rewrite of a saved plan."""
-    finish = [RewriteConv()] + ([reconstruct] if reconstruct else []) + ([FoldGathers()] if opts.fold else [])
+    finish = _finishing_passes(opts, reconstruct)
     if opts.plan:
         return run_passes(finish, model, Plan.load(opts.plan))
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
@@ -157,7 +218,8 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     run_passes([Analyze(specs, patterns, opts.include_stem, opts.channel_multiple)], model, plan)
     if not plan.layers:
         return model, plan
-    choose = ChooseGroups(opts.cost_model, opts.speed_weight, opts.method, opts.seed)
+    choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,
+                          never_slower=opts.groups is None)
     passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
               choose, SelectKernels(opts.method, opts.seed)]
     return run_passes(passes + finish, model, plan)

@@ -38,6 +38,8 @@ class LayerPlan:
     kernel_shape: list[int]
     macs: int  # dense MACs for one sample
     kept_per_group: int  # n = round((1 - ratio) * Ci), at least 1
+    input_size: list[int] | None = None  # spatial size of the Conv input, for measured cost models
+    conv_attrs: dict = field(default_factory=dict)  # strides, pads, dilations, auto_pad as set on the node
     group_count: int | None = None
     groups: list[list[int]] | None = None
     kept_channels: list[list[int]] | None = None

@@ -26,6 +26,7 @@ from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
 STEM_MAX_CHANNELS = 4
+CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad")
 
 
 def kept_per_group(in_channels: int, ratio: float, multiple: int = 1) -> int:
@@ -39,6 +40,14 @@ def kept_per_group(in_channels: int, ratio: float, multiple: int = 1) -> int:
     if multiple > 1 and in_channels >= multiple:
         n = min(in_channels, max(multiple, multiple * int(n / multiple + 0.5)))
     return n
+
+
+def _geometry(node: onnx.NodeProto) -> dict:
+    """The Conv attributes that shape its computation, JSON-ready (auto_pad as text)."""
+    found = {name: node_attr(node, name) for name in CONV_GEOMETRY}
+    if isinstance(found["auto_pad"], bytes):
+        found["auto_pad"] = found["auto_pad"].decode()
+    return {name: value for name, value in found.items() if value is not None}
 
 
 class Analyze(Pass):
@@ -70,10 +79,13 @@ class Analyze(Pass):
                 plan.skipped.append(SkippedLayer(node.name, node.op_type, reason))
                 continue
             co, ci, *kernel = initializers[node.input[1]].dims
+            input_shape = shapes.get(node.input[0])
             plan.layers.append(LayerPlan(
                 node=node.name, weight=node.input[1], out_channels=co, in_channels=ci,
                 kernel_shape=list(kernel), macs=node_macs(node, shapes),
-                kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple)))
+                kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple),
+                input_size=input_shape[2:] if input_shape else None,
+                conv_attrs=_geometry(node)))
         return PassResult(model, plan, modified=False)
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:

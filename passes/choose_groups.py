@@ -14,7 +14,9 @@ R(G): retained importance, the share of the layer's weight energy sum(W^2) held 
 T(G): the cost model's estimate of the pruned layer's latency relative to the dense layer.
 The highest score wins; a candidate within 1e-9 of it with a smaller G wins instead (the smaller
 G is simpler and never slower). speed_weight = 0 picks the most accurate form; a large
-speed_weight picks the fastest.
+speed_weight picks the fastest. With `never_slower` (the automatic choice), candidates the cost
+model puts at or above the dense layer's time (T >= 1) are not considered, and a layer with no
+other candidate stays dense (it moves to `plan.skipped`): a pruned layer must pay for itself.
 
 Candidates that cannot win are not clustered at all: whatever the grouping, each filter keeps n
 of its Ci kernels, so R(G) <= R_max = share of energy in every filter's n strongest kernels, and
@@ -35,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
-from gkp_onnx.plan import Candidate, LayerPlan, Plan
+from gkp_onnx.plan import Candidate, LayerPlan, Plan, SkippedLayer
 from gkp_onnx.passes.select_kernels import kernel_scores, keep_top, retained_importance
 
 DEFAULT_SPEED_WEIGHT = 0.25
@@ -87,8 +89,9 @@ class ChooseGroups(Pass):
     name = "choose_groups"
 
     def __init__(self, cost_model: CostModel | None = None, speed_weight: float = DEFAULT_SPEED_WEIGHT,
-                 method: str = "leanflex", seed: int = 0):
+                 method: str = "leanflex", seed: int = 0, never_slower: bool = False):
         self.cost_model = cost_model or AnalyticCpuCost()
+        self.never_slower = never_slower
         self.speed_weight = speed_weight
         self.method = method
         self.seed = seed
@@ -115,14 +118,23 @@ class ChooseGroups(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         weights = {t.name: t for t in model.graph.initializer}
+        kept = []
         for layer in plan.layers:
             weight = numpy_helper.to_array(weights[layer.weight])
             layer.candidates = [self._evaluate(layer, weight, g, groups)
                                 for g, groups in sorted(layer.candidate_groups.items())]
             if not layer.candidates:
                 raise PassContractError(f"choose_groups: no candidate for layer {layer.node}")
-            best = max(c.score for c in layer.candidates)
-            chosen = min(c.group_count for c in layer.candidates if c.score >= best - 1e-9)
+            pool = [c for c in layer.candidates if c.relative_cost < 1.0 or not self.never_slower]
+            if not pool:
+                fastest = min(c.relative_cost for c in layer.candidates)
+                plan.skipped.append(SkippedLayer(layer.node, "Conv", f"kept dense: every group count is estimated "
+                                                                     f"slower than the dense Conv (best {fastest:.2f}x its time)"))
+                continue
+            best = max(c.score for c in pool)
+            chosen = min(c.group_count for c in pool if c.score >= best - 1e-9)
             layer.group_count = chosen
             layer.groups = layer.candidate_groups[chosen]
+            kept.append(layer)
+        plan.layers = kept
         return PassResult(model, plan, modified=False)

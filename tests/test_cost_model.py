@@ -1,0 +1,81 @@
+"""The measured cost model, the never-slower group choice, and the end-to-end revert under --bench."""
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import masked_reference, random_feed, run
+from fixtures import TOPOLOGIES
+
+from gkp_onnx import optimize
+from gkp_onnx.bench import Timing
+from gkp_onnx.cost_model import MeasuredCost, layer_models
+from gkp_onnx.plan import LayerPlan
+
+LAYER = LayerPlan(node="conv", weight="w", out_channels=16, in_channels=16, kernel_shape=[3, 3], macs=0,
+                  kept_per_group=8, input_size=[8, 8], conv_attrs={"pads": [1, 1, 1, 1], "strides": [2, 2]})
+
+
+def test_layer_models_are_valid_and_agree_in_shape():
+    dense, pruned = layer_models(LAYER, 4, batch=2)
+    for model in (dense, pruned):
+        onnx.checker.check_model(model, full_check=True)
+    feed = random_feed(dense)
+    assert run(dense, feed)[0].shape == run(pruned, feed)[0].shape == (2, 16, 4, 4)
+    assert [n.op_type for n in pruned.graph.node] == ["Gather", "Conv"]
+
+
+def test_measurements_are_cached_per_machine(tmp_path):
+    first = MeasuredCost(repeats=3, cache=tmp_path)
+    times = [first.relative_time(LAYER, g) for g in (1, 2)]
+    assert first.measured == 2 and all(t > 0 for t in times)
+    second = MeasuredCost(repeats=3, cache=tmp_path)
+    assert [second.relative_time(LAYER, g) for g in (1, 2)] == times and second.measured == 0
+    other_machine = MeasuredCost(repeats=3, cache=tmp_path, threads=7)  # another tag, another file
+    assert other_machine.path != first.path
+    no_shape = LayerPlan(**{**LAYER.__dict__, "input_size": None})
+    assert second.relative_time(no_shape, 2) == second.fallback.relative_time(no_shape, 2)
+
+
+class FixedCost:
+    def __init__(self, costs):
+        self.costs = costs
+
+    def relative_time(self, layer, group_count):
+        return self.costs.get(group_count, 2.0)
+
+
+def test_auto_choice_never_picks_a_form_estimated_slower_than_dense():
+    model = TOPOLOGIES["chain"]()
+    _, report = optimize(model, ratio=0.5, min_group_width=1, cost_model=FixedCost({1: 1.2, 2: 0.7}),
+                         speed_weight=0.0, validate=False)
+    assert {layer.group_count for layer in report.plan.layers} == {2}
+    with pytest.raises(Exception, match="nothing to optimize.*estimated slower"):
+        optimize(model, ratio=0.5, min_group_width=1, cost_model=FixedCost({}), validate=False)
+    _, forced = optimize(model, ratio=0.5, groups=4, min_group_width=1, cost_model=FixedCost({}), validate=False)
+    assert forced.plan.layers, "an explicit --groups is the user's choice, kept even when estimated slower"
+
+
+def test_bench_reverts_the_slowest_layers_until_not_slower(monkeypatch):
+    model = TOPOLOGIES["residual"]()
+    speedups = iter([0.8, 0.9, 1.1])
+    calls = []
+
+    def fake_bench(models, names, batches, **_):
+        calls.append(len(models))
+        return [Timing("input", "cpu", 1, 1.0, 1.0, 1.0), Timing("optimized", "cpu", 1, 1.0, 1.0, next(speedups))]
+
+    monkeypatch.setattr(importlib.import_module("gkp_onnx.optimize"), "bench", fake_bench)
+    costs = FixedCost({1: 0.9, 2: 0.5})
+    _, full = optimize(model, ratio=0.5, min_group_width=1, cost_model=costs, validate=False, fold=False)
+    optimized, report = optimize(model, ratio=0.5, min_group_width=1, cost_model=costs, fold=False, bench_batches=[1])
+    assert len(calls) == 3 and report.passed and report.latency[1].speedup == 1.1
+    reverted = [s for s in report.plan.skipped if s.reason.startswith("reverted to dense")]
+    assert len(reverted) == 2 and len(report.plan.layers) == len(full.plan.layers) - 2
+    onnx.checker.check_model(optimized, full_check=True)
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(optimized, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
