@@ -64,7 +64,7 @@ def test_threshold_missed_gives_exit_code_1(model_path, tmp_path, capsys):
 
 def test_compare_and_inspect(model_path, tmp_path, capsys):
     out = tmp_path / "o.onnx"
-    main(["optimize", str(model_path), str(out), "--ratio", "0"])
+    main(["optimize", str(model_path), str(out), "--ratio", "0", "--groups", "1"])
     capsys.readouterr()
     assert main(["compare", str(model_path), str(out), "--max-abs-diff", "1e-4"]) == 0
     assert "PASSED" in capsys.readouterr().out
