@@ -1,7 +1,7 @@
 """Latency of GKP-optimized models vs dense and vs classic L1 filter pruning (onnxruntime CPU).
 
     python benchmarks/latency.py [--threads 2] [--repeats 20] [--ratios 0.25,0.4375,0.5,0.75]
-                                 [--models resnet56,resnet20,resnet50]
+                                 [--models resnet56,resnet20,resnet50] [--cost-model analytic|measured]
 
 Per model and ratio: GKP with the default pipeline (auto group count, Gathers folded) and L1
 filter pruning built from the same passes, timed interleaved with the dense model (bench.py:
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet56,resnet20,resnet50")
     parser.add_argument("--channel-multiple", type=int, default=1,
                         help="round kept channels to multiples of K, for GKP and L1 alike")
+    parser.add_argument("--cost-model", default="analytic", choices=["analytic", "measured"],
+                        help="GKP's group-count cost model (measured: timed on this machine, cached)")
     parser.add_argument("--out", default="latency", help="results file stem")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -75,7 +78,10 @@ def main() -> None:
             specs = input_specs(dense)
             dense_macs = model_stats(dense, specs).macs
             for ratio in ratios:
-                gkp, report = optimize(dense, ratio=ratio, validate=False, channel_multiple=args.channel_multiple)
+                start = time.perf_counter()
+                gkp, report = optimize(dense, ratio=ratio, validate=False, channel_multiple=args.channel_multiple,
+                                       cost_model=args.cost_model, bench_threads=args.threads)
+                optimize_s = time.perf_counter() - start
                 l1, _ = l1_filter_pruning(dense, ratio, channel_multiple=args.channel_multiple)
                 variants = {"gkp": gkp, "l1-filter": l1}
                 timings = bench([dense, gkp, l1], names=["dense", "gkp", "l1-filter"], batches=BATCHES[name],
@@ -85,6 +91,8 @@ def main() -> None:
                     row = {"model": name, "ratio": ratio, "variant": label, "mac_ratio": mac_ratio,
                            "ideal": 1 / mac_ratio,
                            "gathers": sum(n.op_type == "Gather" for n in model.graph.node),
+                           "pruned_layers": len(report.plan.layers) if label == "gkp" else None,
+                           "optimize_s": optimize_s if label == "gkp" else None,
                            "groups": sorted({layer.group_count for layer in report.plan.layers}) if label == "gkp" else [1],
                            "speedup": {t.batch: t.speedup for t in timings if t.model == label},
                            "median_ms": {t.batch: t.median_ms for t in timings if t.model == label},
@@ -99,14 +107,14 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(
         {"provider": describe_provider("cpu", args.threads), "repeats": args.repeats,
-         "channel_multiple": args.channel_multiple, "rows": rows}, indent=1))
+         "channel_multiple": args.channel_multiple, "cost_model": args.cost_model, "rows": rows}, indent=1))
     (RESULTS / f"{args.out}.md").write_text(markdown(rows, args))
 
 
 def markdown(rows: list[dict], args) -> str:
     lines = ["# Latency: GKP vs dense vs L1 filter pruning (onnxruntime CPU)", "",
              f"{describe_provider('cpu', args.threads)}, {args.repeats} interleaved repeats, medians; "
-             f"kept channels rounded to multiples of {args.channel_multiple}. "
+             f"kept channels rounded to multiples of {args.channel_multiple}; GKP cost model: {args.cost_model}. "
              "Speed-up = dense median / variant median; 'of ideal' = speed-up x MAC ratio. "
              "Top-1: one-shot (no recovery) on the 500 carried exact-pixel CIFAR-10 test images.", "",
              "| model | ratio | variant | G | MAC ratio | ideal | speed-up (batch) | of ideal | Gathers | top-1 |",
