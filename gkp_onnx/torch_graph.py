@@ -96,9 +96,6 @@ class TorchGraph(nn.Module):
         self._constants[name] = key
         self.register_buffer(key, torch.from_numpy(np.array(array, copy=True)), persistent=False)
 
-    def parameter(self, name: str) -> nn.Parameter:
-        return self.weights[self.keys[name]]
-
     def named_weights(self):
         """(initializer name, parameter) for every trainable initializer."""
         return [(name, self.weights[key]) for name, key in self.keys.items() if key in self.weights]
