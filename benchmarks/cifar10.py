@@ -39,6 +39,14 @@ def top1(model: onnx.ModelProto, data: Dataset) -> float:
     return float((run_model(make_session(model), data)[0].argmax(1) == data.labels).mean())
 
 
+def test_sets() -> dict[str, Dataset]:
+    """The 932 exact-pixel test images and the 10k JPEG test set, preprocessed, with labels."""
+    exact = np.load(SHARED / "cifar10" / "cifar10_test_exact_first932.npz")
+    jpeg = np.load(SHARED / "cifar10" / "cifar10_test_jpeg_decoded.npz")
+    return {"exact932": Dataset({"input": preprocess(exact["x"])}, exact["y"]),
+            "jpeg10k": Dataset({"input": preprocess(jpeg["x"])}, jpeg["y"])}
+
+
 def l1_filter(dense: onnx.ModelProto, ratio: float, calib: Dataset | None) -> onnx.ModelProto:
     working = onnx.ModelProto()
     working.CopyFrom(dense)
@@ -54,10 +62,8 @@ def main() -> None:
     parser.add_argument("--images", default="64,256,1024")
     parser.add_argument("--ratio", type=float, default=0.4375)
     args = parser.parse_args()
-    exact = np.load(SHARED / "cifar10" / "cifar10_test_exact_first932.npz")
-    jpeg = np.load(SHARED / "cifar10" / "cifar10_test_jpeg_decoded.npz")
-    evaluation = {"exact932": Dataset({"input": preprocess(exact["x"])}, exact["y"]),
-                  "jpeg10k": Dataset({"input": preprocess(jpeg["x"])}, jpeg["y"])}
+    evaluation = test_sets()
+    unlabeled = evaluation["jpeg10k"].inputs["input"]  # reconstruction images: JPEG test images 932..
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -71,8 +77,8 @@ def main() -> None:
                 calib_path = None
                 if images:
                     calib_path = Path(tmp) / f"calib{images}.npz"
-                    np.savez(calib_path, x=preprocess(jpeg["x"][932:932 + images]))
-                calib = Dataset({"input": preprocess(jpeg["x"][932:932 + images])}) if images else None
+                    np.savez(calib_path, x=unlabeled[932:932 + images])
+                calib = Dataset({"input": unlabeled[932:932 + images]}) if images else None
                 variants = {
                     "gkp-auto": lambda: optimize(dense, ratio=args.ratio, validate=False, calib=calib_path and str(calib_path),
                                                  reconstruct=bool(images))[0],

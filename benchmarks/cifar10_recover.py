@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cifar10 import RESULTS, SHARED, l1_filter, top1
+from cifar10 import RESULTS, SHARED, l1_filter, test_sets, top1
 from gkp_onnx import optimize
 from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.images import ImageSpec
-from gkp_onnx.models.cifar_resnet import preprocess
 from gkp_onnx.recover import recover
-from gkp_onnx.validate import Dataset, load_dataset
+from gkp_onnx.validate import load_dataset
 
 CIFAR = ImageSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TRAIN_IMAGES = 50_000
@@ -75,10 +74,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4375)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    exact = np.load(SHARED / "cifar10" / "cifar10_test_exact_first932.npz")
-    jpeg = np.load(SHARED / "cifar10" / "cifar10_test_jpeg_decoded.npz")
-    evaluation = {"exact932": Dataset({"input": preprocess(exact["x"])}, exact["y"]),
-                  "jpeg10k": Dataset({"input": preprocess(jpeg["x"])}, jpeg["y"])}
+    evaluation = test_sets()
     runs = [(args.fraction, int(e)) for e in args.epochs.split(",")]
     runs += [(float(f), args.low_resource_epochs) for f in args.low_resource.split(",")
              if (float(f), args.low_resource_epochs) not in runs]
@@ -101,7 +97,7 @@ def main() -> None:
                                              reconstruct=True)[0],
                 "gkp-G8": lambda: optimize(dense, ratio=args.ratio, groups=8, validate=False,
                                            calib=str(calib_path), reconstruct=True)[0],
-                "l1-filter": lambda: l1_filter(dense, args.ratio, Dataset({"input": calib.inputs["input"]})),
+                "l1-filter": lambda: l1_filter(dense, args.ratio, calib),
                 "dense": lambda: dense,
             }
             for variant in args.variants.split(","):

@@ -30,8 +30,8 @@ class ImageSpec:
     bgr: bool = False  # channel order of the model input
 
 
-def list_images(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Image files in class order, their labels, and the class names."""
+def list_images(root: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
+    """Image files in class order (sorted subfolder names) and their labels."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files, labels = [], []
@@ -41,7 +41,7 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[s
         labels += [label] * len(found)
     if not files:
         raise GkpError(f"image folder {root} has no images in class subfolders (expected {root}/<class>/<image>)")
-    return files, np.array(labels, dtype=np.int64), classes
+    return files, np.array(labels, dtype=np.int64)
 
 
 def _layout(shape: list[int]) -> tuple[str, int]:
@@ -82,7 +82,7 @@ def decode(path: Path, spec: ImageSpec, size: int, channels: int) -> np.ndarray:
 def load_image_folder(root: str | os.PathLike, shape: list[int], spec: ImageSpec,
                       choose=None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels of the folder; `choose(count)` may pick which of the sorted files to decode."""
-    files, labels, _ = list_images(root)
+    files, labels = list_images(root)
     layout, size = _layout(shape)
     channels = shape[1] if layout == "nchw" else shape[3]
     if (spec.crop or size) != size:

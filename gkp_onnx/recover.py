@@ -7,8 +7,9 @@ softmax over the last axis), plus cross-entropy on the first output when labels 
 AdamW with a cosine learning rate over all steps: exported graphs usually have BatchNorm folded
 into the Conv weights, so a deep network trains without normalisation and its gradients span
 orders of magnitude (up to 1000x the weight they update in a one-shot pruned ResNet-56);
-SGD diverged at every learning rate tried, Adam's per-weight step is bounded by the rate. Weights that are exactly
-zero in the pruned model (N:M, zeroed kernels) get no gradient and stay zero. BatchNormalization
+SGD diverged at every learning rate tried, Adam's per-weight step is bounded by the rate.
+Weights that are exactly zero in the pruned model (N:M, zeroed kernels) get no gradient and
+stay zero. BatchNormalization
 keeps its running statistics (only its scale and shift train). Image inputs (rank 4) are
 augmented with a random crop from a zero-padded copy and a horizontal flip.
 
@@ -101,7 +102,8 @@ def recover(pruned: onnx.ModelProto | str | os.PathLike, teacher: onnx.ModelProt
     if not student.named_weights():
         raise GkpError("the pruned model has no float32 weights to train")
     reference = TorchGraph(teacher, trainable={}).to(device).eval()
-    masks = {name: mask.to(device) for name, mask in student.masks.items()}
+    masked = [(param, student.masks[name].to(device)) for name, param in student.named_weights()
+              if name in student.masks]
     parameters = [p for _, p in student.named_weights()]
     optimizer = torch.optim.AdamW(parameters, lr=opts.lr, weight_decay=opts.weight_decay)
     labels = torch.from_numpy(data.labels.astype(np.int64)) if opts.labels and data.labels is not None else None
@@ -119,7 +121,8 @@ def recover(pruned: onnx.ModelProto | str | os.PathLike, teacher: onnx.ModelProt
     stop = total if opts.max_steps is None else min(total, start + opts.max_steps)
     while step < stop:
         epoch, index = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([opts.seed, epoch]).permutation(len(data))
+        if index == 0 or step == start:  # the epoch's sample order, drawn once per epoch
+            order = np.random.default_rng([opts.seed, epoch]).permutation(len(data))
         chosen = order[index * opts.batch:(index + 1) * opts.batch]
         inputs = {name: torch.from_numpy(array[chosen]).to(device) for name, array in data.inputs.items()}
         if opts.augment:
@@ -133,13 +136,12 @@ def recover(pruned: onnx.ModelProto | str | os.PathLike, teacher: onnx.ModelProt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            for name, param in student.named_weights():
-                if name in masks and param.grad is not None:
-                    param.grad.mul_(masks[name])
+            for param, mask in masked:
+                if param.grad is not None:
+                    param.grad.mul_(mask)
             optimizer.step()
-            for name, param in student.named_weights():
-                if name in masks:
-                    param.mul_(masks[name])
+            for param, mask in masked:
+                param.mul_(mask)
         step += 1
         running += loss.item()
         bar.update(step, epoch, loss.item(), len(chosen))
