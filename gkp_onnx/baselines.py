@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import ensure_node_names, input_specs
+from gkp_onnx.graph_stats import ensure_node_names, input_specs, node_attr
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.fold_gathers import FoldGathers, walk_to_producer
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -36,7 +36,7 @@ def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | No
     layers = []
     for layer in plan.layers:
         top, chain = walk_to_producer(nodes[layer.node].input[0], producers, readers, outputs, initializers)
-        if top is None or any(node.op_type == "Gather" for node in chain):
+        if top is None or node_attr(top, "group", 1) != 1 or any(node.op_type == "Gather" for node in chain):
             plan.skipped.append(SkippedLayer(layer.node, "Conv", "input not produced by a prunable Conv"))
             continue
         l1 = np.abs(numpy_helper.to_array(initializers[top.input[1]])).reshape(layer.in_channels, -1).sum(axis=1)

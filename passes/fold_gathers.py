@@ -12,7 +12,7 @@ loses MACs too. Exact: the same numbers are computed, in the order the consumer 
 
 Fires when all hold:
 - the Gather has axis 1 and constant 1-D indices, |I| <= Co (the producer never gets bigger);
-- walking up from the Gather's input passes only per-channel ops (unary element-wise ops,
+- walking up from the Gather's input passes only per-channel ops (unary element-wise ops, pools,
   BatchNormalization, Add/Sub/Mul/Div with a constant that is per-channel or broadcast on the
   channel axis) and other channel Gathers (crossing one with indices P maps I to P[I]; it is
   removed), each tensor read by exactly one node and none a graph output;
@@ -23,6 +23,15 @@ When the walk passes a channel Gather but cannot fold into a Conv (e.g. the prod
 grow), the two Gathers are still composed into one: the output permutation GKP puts after a
 grouped Conv is absorbed into the next GKP Gather (indices P[I]), the per-channel ops between
 re-indexed.
+
+Grouped producer (G > 1, e.g. a GKP Conv whose consumer reads few of its outputs): groups must
+stay equal, so each group computes max_g |I in g| filters (the needed ones, padded by repeats);
+the Gather stays, re-indexed into the smaller output, and goes when that is the identity.
+
+Permutation sinking, downward: a Gather whose indices permute all C channels of its input, read
+(through per-channel ops, or a global pool + Flatten) by a Conv with group 1 or a Gemm/MatMul,
+is absorbed into that layer's weight (input-channel axis permuted by the inverse; the per-channel
+ops between re-indexed). Gathers before residual Adds, Concats, graph outputs or grouped Convs stay.
 Shapes of the re-indexed tensors change (channel count |I|); stale value_info is dropped.
 """
 
@@ -38,6 +47,7 @@ from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 UNARY_PER_CHANNEL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
                      "Softplus", "Mish", "Identity", "PRelu"}
 BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
@@ -48,7 +58,7 @@ class FoldGathers(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         folded = 0
-        while self._fold_one(model):
+        while self._fold_one(model) or self._sink_one(model):
             folded += 1
         if folded:
             del model.graph.value_info[:]
@@ -66,9 +76,15 @@ class FoldGathers(Pass):
                 continue
             top, chain = walk_to_producer(gather.input[0], producers, readers, outputs, initializers)
             indices = chain_index(chain, index, initializers)
-            if top is not None and len(indices[-1]) <= initializers[top.input[1]].dims[0]:
-                self._fold(model, gather, top, chain, indices, initializers)
-                return True
+            if top is not None and node_attr(top, "group", 1) == 1:
+                if len(indices[-1]) <= initializers[top.input[1]].dims[0]:
+                    self._fold(model, gather, top, chain, indices, initializers)
+                    return True
+            elif top is not None and not any(node.op_type == "Gather" for node in chain):
+                shrunk = shrink_grouped(indices[-1], initializers[top.input[1]].dims[0], node_attr(top, "group", 1))
+                if shrunk is not None:
+                    self._shrink(model, gather, top, chain, *shrunk, initializers)
+                    return True
             inner = next((node for node in chain if node.op_type == "Gather"), None)
             if inner is not None:  # compose with the nearest Gather above: one Gather instead of two
                 position = chain.index(inner)
@@ -98,6 +114,49 @@ class FoldGathers(Pass):
         model.graph.node.remove(gather)
         _drop_unread(model)
 
+    def _sink_one(self, model: onnx.ModelProto) -> bool:
+        """Absorb a channel permutation into the weights of the dense layer that reads it."""
+        graph = model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        producers = {o: node for node in graph.node for o in node.output}
+        consumers = {name: node for node in graph.node for name in node.input}  # used where read once
+        readers = Counter(name for node in graph.node for name in node.input)
+        outputs = {o.name for o in graph.output}
+        for gather in graph.node:
+            index = _gather_index(gather, initializers)
+            if index is None or not np.array_equal(np.sort(index), np.arange(len(index))) \
+                    or channel_count(gather.input[0], producers, initializers) != len(index):
+                continue
+            chain, consumer = walk_to_consumer(gather.output[0], consumers, readers, outputs, initializers)
+            if consumer is None:
+                continue
+            inverse = np.argsort(index)  # channel j of the Gather's input is read at position inverse[j]
+            for node in chain:
+                self._reindex_params(model, node, inverse, initializers)
+            axis = 0 if consumer.op_type == "MatMul" or (consumer.op_type == "Gemm" and not node_attr(consumer, "transB", 0)) \
+                else 1
+            _replace(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
+            (chain[0] if chain else consumer).input[0] = gather.input[0]
+            graph.node.remove(gather)
+            _drop_unread(model)
+            return True
+        return False
+
+    def _shrink(self, model, gather, top, chain, keep, index, initializers) -> None:
+        """Let grouped `top` compute only the filters in `keep`; `gather` then reads them with `index`
+        (and disappears when that is the identity)."""
+        for node in chain:
+            self._reindex_params(model, node, keep, initializers)
+        for slot in range(1, min(3, len(top.input))):
+            if top.input[slot]:
+                _replace(model, initializers, top.input[slot], lambda v: v[keep], top, slot)
+        if np.array_equal(index, np.arange(len(keep))):
+            (chain[0] if chain else top).output[0] = gather.output[0]
+            model.graph.node.remove(gather)
+        else:
+            _replace(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
+        _drop_unread(model)
+
     def _reindex_params(self, model, node, index, initializers) -> None:
         if node.op_type == "BatchNormalization":
             for slot in range(1, 5):
@@ -107,11 +166,64 @@ class FoldGathers(Pass):
                 _replace(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
 
 
+def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
+    """Dead-channel elimination for a grouped Conv whose outputs are read only at `needed`.
+
+    Groups must stay equal, so each keeps max_g |needed in g| filters (a group needing fewer
+    repeats one of them). Returns (keep, index): the filters to compute, group by group, and where
+    each needed output now sits; None when that computes no fewer filters."""
+    width = out_channels // group
+    wanted = [np.unique(needed[needed // width == g]) for g in range(group)]
+    size = max(len(w) for w in wanted)
+    if size * group >= out_channels:
+        return None
+    keep = np.concatenate([np.resize(w if len(w) else [g * width], size) for g, w in enumerate(wanted)])
+    position = {int(c): g * size + k for g, w in enumerate(wanted) for k, c in enumerate(w)}
+    return keep, np.array([position[int(c)] for c in needed], dtype=np.int64)
+
+
+def walk_to_consumer(tensor, consumers, readers, outputs, initializers):
+    """Walk down from `tensor` through per-channel ops (and Flatten after a global pool) to the
+    layer that contracts its channel axis: a Conv with group 1, or a Gemm/MatMul after the Flatten,
+    its weight a constant read by nothing else. Each tensor read once, none a graph output.
+
+    Returns (chain, consumer): the nodes passed, nearest first, and the layer, or None."""
+    chain, flat = [], False
+    while tensor not in outputs and readers[tensor] == 1 and consumers[tensor].input[0] == tensor:
+        node = consumers[tensor]
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm"):
+            ok = weight in initializers and readers[weight] == 1 and node_attr(node, "group", 1) == 1 \
+                and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or len(initializers[weight].dims) == 2)
+            return chain, (node if ok else None)
+        if node.op_type == "Flatten" and node_attr(node, "axis", 1) == 1 and chain \
+                and chain[-1].op_type.startswith("Global") and not flat:
+            flat = True
+        elif flat or not is_per_channel(node, initializers):
+            break
+        chain.append(node)
+        tensor = node.output[0]
+    return chain, None
+
+
+def channel_count(tensor, producers, initializers) -> int | None:
+    """Channels of `tensor` when a Conv or channel Gather above it (through per-channel ops) says."""
+    node = producers.get(tensor)
+    while node is not None and is_per_channel(node, initializers):
+        node = producers.get(node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Conv" and node.input[1] in initializers:
+        return initializers[node.input[1]].dims[0]
+    index = _gather_index(node, initializers)
+    return None if index is None else len(index)
+
+
 def walk_to_producer(tensor, producers, readers, outputs, initializers):
     """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
 
-    Returns (top, chain): chain lists the nodes passed, nearest first; top is the foldable Conv
-    where the walk ended, or None."""
+    Returns (top, chain): chain lists the nodes passed, nearest first; top is the Conv where the
+    walk ended (its weight and bias constants read by nothing else; any group count), or None."""
     chain = []
     while True:
         node = producers.get(tensor)
@@ -119,7 +231,7 @@ def walk_to_producer(tensor, producers, readers, outputs, initializers):
             return None, chain
         if node.op_type == "Conv":
             params = [name for name in node.input[1:] if name]
-            if node_attr(node, "group", 1) != 1 or any(p not in initializers or readers[p] != 1 for p in params):
+            if any(p not in initializers or readers[p] != 1 for p in params):
                 return None, chain
             return node, chain
         if _gather_index(node, initializers) is None and not is_per_channel(node, initializers):
@@ -130,6 +242,8 @@ def walk_to_producer(tensor, producers, readers, outputs, initializers):
 
 def is_per_channel(node, initializers) -> bool:
     """An op acting on each channel separately (its constants per-channel or broadcast)."""
+    if node.op_type in POOLS:
+        return len(node.output) == 1 or not node.output[1]  # MaxPool's Indices output: channel-indexed
     if node.op_type in UNARY_PER_CHANNEL:
         return node.op_type != "PRelu" or _channel_constant(node.input[1], initializers) is not None
     if node.op_type == "BatchNormalization":

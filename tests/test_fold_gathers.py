@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from onnx import numpy_helper
 
 from conftest import masked_reference, random_feed, run
@@ -58,3 +59,56 @@ def test_repeated_indices_duplicate_filters_exactly():
     feed = random_feed(model)
     np.testing.assert_allclose(run(folded, feed)[0], run(masked_reference(model, report.plan), feed)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def first_conv(model):
+    return next(n for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_grouped_producer_computes_only_the_filters_read():
+    model = TOPOLOGIES["chain"]()  # conv1 (G=2) feeds conv2's Gather, which reads 4 of its 16 outputs
+    folded, report = optimize(model, ratio=0.75, groups=2, min_group_width=1)
+    assert weights(folded)[first_conv(folded).input[1]].shape[0] < 16
+    assert report.after.macs < sum(layer.pruned_macs for layer in report.plan.layers)
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(folded, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_output_permutation_is_absorbed_by_a_dense_conv():
+    model = TOPOLOGIES["bn_chain"]()  # conv4 (G=2) -> Mul -> Add -> Clip -> conv8 kept dense
+    folded, report = optimize(model, ratio=0.5, groups=2, min_group_width=1, exclude=["conv8"])
+    last = [n for n in folded.graph.node if n.op_type == "Conv"][-1]
+    assert "gkp" not in last.name and not any(g.output[0] in last.input for g in gathers(folded))
+    assert len(gathers(folded)) < len(gathers(optimize(model, ratio=0.5, groups=2, min_group_width=1,
+                                                       exclude=["conv8"], fold=False)[0]))
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(folded, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_output_permutation_is_absorbed_by_the_classifier_after_global_pool():
+    model = TOPOLOGIES["classifier"]()  # conv2 (G=2) -> GlobalAveragePool -> Flatten -> Gemm
+    folded, report = optimize(model, ratio=0.5, groups=2, min_group_width=1)
+    producers = {o: n for n in folded.graph.node for o in n.output}
+    pool = next(n for n in folded.graph.node if n.op_type == "GlobalAveragePool")
+    assert producers[pool.input[0]].op_type == "Conv"
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(folded, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude", [[], ["conv3"], ["conv4"], ["conv8"]])
+@pytest.mark.parametrize("topology", [t for t in TOPOLOGIES if t not in ("depthwise", "shared_weight", "fp16")])
+def test_shrinking_and_sinking_are_exact_on_every_topology(topology, exclude):
+    model = TOPOLOGIES[topology]()
+    for groups, ratio in [(2, 0.5), (4, 0.75)]:
+        folded, report = optimize(model, ratio=ratio, groups=groups, min_group_width=1, exclude=exclude)
+        unfolded, _ = optimize(model, ratio=ratio, groups=groups, min_group_width=1, exclude=exclude, fold=False)
+        assert len(gathers(folded)) <= len(gathers(unfolded))
+        assert report.after.macs <= sum(layer.pruned_macs for layer in report.plan.layers) \
+            + sum(report.before.node_macs[n] or 0 for n in report.before.node_macs
+                  if n not in {layer.node for layer in report.plan.layers})
+        feed = random_feed(model)
+        for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(folded, feed)):
+            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
