@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(p)
     p.add_argument("--calib", metavar="DATA.npz|DIR", help="inputs (and labels) to validate on; else random inputs")
     p.add_argument("--reconstruct", action="store_true",
-                   help="refit the kept kernels layer by layer on the --calib inputs (no labels needed)")
+                   help="refit the kept kernels (and N:M-kept weights) layer by layer on the --calib inputs "
+                        "(no labels needed)")
     p.add_argument("--report", metavar="REPORT.json", help="write the report (with the plan) as JSON")
     p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
     p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")

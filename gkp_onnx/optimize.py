@@ -29,7 +29,7 @@ from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, Co
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
-from gkp_onnx.passes.reconstruct import Reconstruct
+from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
 
@@ -121,7 +121,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     nm_result = None
     if opts.nm:
         start = time.perf_counter()
-        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data)
+        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working)
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
@@ -140,8 +140,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
-    if reconstruct:
-        report.reconstruction = reconstruct.errors
+    if opts.reconstruct:
+        report.reconstruction = {**(reconstruct.errors if reconstruct else {}),
+                                 **(nm_result.reconstruction if nm_result else {})}
     if opts.validate:
         start = time.perf_counter()
         data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(working) else None)
@@ -181,7 +182,7 @@ def _never_slower(working, optimized, plan: Plan, opts: OptimizeOptions, data, p
         reconstruct = Reconstruct(working, data) if reconstruct else None
         optimized, _ = run_passes(_finishing_passes(opts, reconstruct), working, plan)
         if opts.nm:
-            optimized, _ = _nm_sparsity(optimized, opts, patterns, data)
+            optimized, _ = _nm_sparsity(optimized, opts, patterns, data, working)
         latency = measure(optimized)
     return optimized, latency, reconstruct
 
@@ -226,7 +227,8 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
 
 
 def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
-                 data: Dataset | None) -> tuple[onnx.ModelProto, NmResult]:
+                 data: Dataset | None, original: onnx.ModelProto) -> tuple[onnx.ModelProto, NmResult]:
+    """N:M sparsity [-> refit of the kept weights towards `original`'s layer outputs]."""
     n, m = parse_nm(opts.nm)
     copy = onnx.ModelProto()  # the pass edits weights in place; `model` may still be the reference
     copy.CopyFrom(model)
@@ -240,7 +242,12 @@ def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[r
         rms = channel_rms(model, axes, data)
         norms = {ref.node: rms[nodes[ref.node].input[0]] for ref in refs}
     sparsify = NmSparsify(n, m, opts.nm_conv, opts.nm_include_head, patterns, norms, opts.nm_permute, seed=opts.seed)
-    model, _ = run_passes([sparsify], model, Plan(ratio=0.0, method="nm", seed=opts.seed))
+    plan = Plan(ratio=0.0, method="nm", seed=opts.seed)
+    model, _ = run_passes([sparsify], model, plan)
+    if opts.reconstruct:
+        refit = ReconstructNm(original, data, [layer.node for layer in sparsify.result.layers], sparsify.output_orders)
+        model, _ = run_passes([refit], model, plan)
+        sparsify.result.reconstruction = refit.errors
     return model, sparsify.result
 
 

@@ -234,8 +234,9 @@ def _rows(weight: np.ndarray, axis: int) -> np.ndarray:
 
 
 def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, input_norms: dict,
-                               seconds: float, seed: int = 0) -> set[str]:
-    """Search and fold a channel order per region of the given N:M layers; return the consumers permuted.
+                               seconds: float, seed: int = 0) -> tuple[set[str], dict[str, np.ndarray]]:
+    """Search and fold a channel order per region of the given N:M layers; return the consumers
+    permuted and, per source MatMul/Gemm, the order its output channels now come in.
 
     `input_norms` (node -> per-channel RMS) of permuted consumers are permuted in place.
     """
@@ -243,6 +244,7 @@ def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, inp
     targets = {ref.node for ref in refs if not ref.path}  # plain initializer weights only
     nodes = {node.name: node for node in model.graph.node}
     done: set[str] = set()
+    orders: dict[str, np.ndarray] = {}
     for ref in refs:
         if ref.node not in targets or ref.node in done:
             continue
@@ -266,9 +268,10 @@ def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, inp
             done.add(consumer.name)
         for source, axis in region.sources:
             _take(initializers[source.input[1]], perm, axis)
+            orders[source.name] = perm
         for name in region.constants:
             _take(initializers[name], perm, -1)
-    return done
+    return done, orders
 
 
 def _take(init: onnx.TensorProto, perm: np.ndarray, axis: int) -> None:

@@ -143,6 +143,7 @@ class NmResult:
     layers: list[NmLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     eligible_mac_share: float = 0.0  # MatMul/Gemm MACs now N:M-sparse / all MatMul/Gemm MACs
+    reconstruction: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> MSE before/after refit
 
 
 def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=(), include_head=False
@@ -221,6 +222,7 @@ class NmSparsify(Pass):
         self.permutation_seconds = permutation_seconds
         self.seed = seed
         self.result: NmResult | None = None
+        self.output_orders: dict[str, np.ndarray] = {}  # MatMul/Gemm -> order of its output channels now
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         from gkp_onnx.passes.nm_permutation import permute_reduction_channels  # it imports this module
@@ -235,8 +237,8 @@ class NmSparsify(Pass):
                                          mask_for(ref, weight, initializers, None, self.n, self.m))
         permuted = set()
         if self.permute:
-            permuted = permute_reduction_channels(model, refs, self.n, self.m, self.input_norms,
-                                                  self.permutation_seconds, self.seed)
+            permuted, self.output_orders = permute_reduction_channels(
+                model, refs, self.n, self.m, self.input_norms, self.permutation_seconds, self.seed)
             initializers = {t.name: t for t in model.graph.initializer}
         for ref in refs:
             init = initializers[ref.initializer]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.validate import Dataset, batches, make_session
@@ -136,6 +137,121 @@ class Reconstruct(Pass):
         else:
             model.graph.initializer.append(numpy_helper.from_array(new_bias.astype(weight.dtype), bias_name))
             conv.input.append(bias_name)
+
+
+class ReconstructNm(Pass):
+    """Refit the weights N:M sparsity kept, per output column, on captured inputs.
+
+    For each sparsified layer, in topological order, with its linear part seen as rows @ W
+    (MatMul: the input's last axis; Gemm: alpha * B, transposed when transB; Conv: im2col patches
+    and a block-diagonal W for groups), X' = its input in the sparse-so-far model and
+    T = X @ W_original from the original model (columns in the order nm_permutation left). Column j keeps its non-zero set S_j (the N:M
+    pattern is unchanged) and gets argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only
+    when it lowers that column's error. Biases are not refit. Layers whose weight is not a plain
+    initializer (Transpose / Cast / DequantizeLinear on the way, batched MatMul weights) are left
+    as masked.
+    """
+
+    name = "reconstruct_nm"
+
+    def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
+                 output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3):
+        self.original = original
+        self.data = data
+        self.layers = layers
+        self.output_orders = output_orders or {}  # layer -> its output channels' order (nm_permutation)
+        self.ridge = ridge
+        self.errors: dict[str, tuple[float, float]] = {}  # layer -> (output MSE before, after)
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        order = {n.name: i for i, n in enumerate(model.graph.node)}
+        original_nodes = {n.name: n for n in self.original.graph.node}
+        original_weights = {t.name: t for t in self.original.graph.initializer}
+        for name in sorted(self.layers, key=order.__getitem__):
+            node = next(n for n in model.graph.node if n.name == name)
+            initializers = {t.name: t for t in model.graph.initializer}
+            view = _linear_view(node, initializers)
+            reference = original_nodes.get(name)
+            reference_view = _linear_view(reference, original_weights) if reference is not None else None
+            if view is None or reference_view is None or reference_view[1].shape != view[1].shape:
+                continue
+            self._refit(model, node, view, reference, reference_view, initializers[node.input[1]])
+        return PassResult(model, plan, modified=bool(self.errors))
+
+    def _refit(self, model, node, view, reference, reference_view, init) -> None:
+        features, weight, store = view
+        reference_features, reference_weight, _ = reference_view
+        order = self.output_orders.get(node.name, np.arange(weight.shape[1]))
+        target_weight = torch.from_numpy(reference_weight[:, order].astype(np.float32))
+        dim = weight.shape[0]
+        gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
+        samples = 0
+        session = make_session(_up_to(model, node.input[0]))
+        reference_session = make_session(_up_to(self.original, reference.input[0]))
+        for feed in batches(session, self.data):
+            rows = features(session.run([node.input[0]], feed)[0])
+            target = reference_features(reference_session.run([reference.input[0]], feed)[0]) @ target_weight
+            samples += rows.shape[0]
+            gram += (rows.T @ rows).double().numpy()
+            cross += (rows.T @ target).double().numpy()
+            energy += (target.double() ** 2).sum(0).numpy()
+        kept = weight != 0
+        new = weight.copy()
+        before = after = 0.0
+        counts = kept.sum(0)
+        for count in np.unique(counts):
+            columns = np.flatnonzero(counts == count)
+            for chunk in np.array_split(columns, max(1, len(columns) * int(count) ** 2 // 2 ** 25)):
+                index = np.nonzero(kept[:, chunk].T)[1].reshape(len(chunk), count)  # [b, k] kept rows
+                g = torch.from_numpy(gram[index[:, :, None], index[:, None, :]])
+                c = torch.from_numpy(cross[index, chunk[:, None]])
+                old = torch.from_numpy(weight[index, chunk[:, None]])
+                lam = self.ridge * torch.diagonal(g, dim1=1, dim2=2).sum(1) / max(int(count), 1)
+                fit = torch.linalg.solve(g + lam[:, None, None] * torch.eye(int(count), dtype=g.dtype),
+                                         c.unsqueeze(-1)).squeeze(-1)
+                err_old = _quadratic(old, g, c) + torch.from_numpy(energy[chunk])
+                err_new = _quadratic(fit, g, c) + torch.from_numpy(energy[chunk])
+                better = err_new < err_old
+                new[index[better], chunk[better, None]] = fit[better].numpy()
+                before += float(err_old.sum())
+                after += float(torch.where(better, err_new, err_old).sum())
+        self.errors[node.name] = (before / samples / weight.shape[1], after / samples / weight.shape[1])
+        init.CopyFrom(numpy_helper.from_array(store(new).astype(numpy_helper.to_array(init).dtype), init.name))
+
+
+def _quadratic(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """w^T G w - 2 w^T c per batch entry."""
+    return torch.einsum("bi,bij,bj->b", w, gram, w) - 2 * (w * cross).sum(1)
+
+
+def _linear_view(node: onnx.NodeProto, initializers: dict):
+    """(features, W [D, out], store): `features` maps the layer's input to rows [samples, D] (torch,
+    float32) with the layer's linear part = rows @ W; `store` puts a W back into the initializer's
+    layout. None when the weight is not a plain initializer or the layout is not handled."""
+    if len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    if node.op_type == "MatMul" and weight.ndim == 2:
+        return (lambda x: torch.from_numpy(x.reshape(-1, x.shape[-1]).astype(np.float32)), weight, lambda w: w)
+    if node.op_type == "Gemm" and not node_attr(node, "transA", 0):
+        alpha, trans = node_attr(node, "alpha", 1.0), node_attr(node, "transB", 0)
+        return (lambda x: torch.from_numpy(x.astype(np.float32)), alpha * (weight.T if trans else weight),
+                lambda w: (w.T if trans else w) / alpha)
+    if node.op_type == "Conv":
+        attrs, kernel = _attrs(node), list(weight.shape[2:])
+        group, (out, per_group) = attrs.get("group", 1), weight.shape[:2]
+        width, height = out // group, per_group * int(np.prod(kernel))  # filters / patch rows per group
+        dense = np.zeros((group * height, out))
+        for g in range(group):
+            dense[g * height:(g + 1) * height, g * width:(g + 1) * width] = weight[g * width:(g + 1) * width].reshape(width, -1).T
+        def features(x):
+            cols = patches(x, attrs, kernel)  # [N, D, L]
+            return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        def store(w):
+            return np.concatenate([w[g * height:(g + 1) * height, g * width:(g + 1) * width].T
+                                   for g in range(group)]).reshape(weight.shape)
+        return features, dense, store
+    return None
 
 
 def _squared_error(coef: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> float:

@@ -70,7 +70,7 @@ def test_permutation_folding_is_exact_and_siblings_share_it():
     permuted = onnx.ModelProto()
     permuted.CopyFrom(model)
     refs, _ = nm_candidates(permuted, 2, 4, include_head=True)
-    done = permute_reduction_channels(permuted, refs, 2, 4, {}, seconds=0.2)
+    done, orders = permute_reduction_channels(permuted, refs, 2, 4, {}, seconds=0.2)
     assert done == {"fc2", "fc4"}
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in permuted.graph.initializer}
@@ -78,6 +78,7 @@ def test_permutation_folding_is_exact_and_siblings_share_it():
     perm = [int(np.flatnonzero((before["w2"] == row).all(axis=1))[0]) for row in after["w2"]]
     np.testing.assert_array_equal(after["w4"], before["w4"][perm])  # one order for both consumers
     np.testing.assert_array_equal(after["b1"], before["b1"][perm])
+    assert set(orders) == {"fc1", "fc3"} and all(np.array_equal(order, perm) for order in orders.values())
     x = {"x": np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)}
     for expected, actual in zip(run(model, x), run(permuted, x)):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)

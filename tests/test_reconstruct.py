@@ -76,3 +76,89 @@ def test_reconstruct_without_calibration_data_is_an_input_error(tmp_path, capsys
     onnx.save(TOPOLOGIES["chain"](), path)
     assert main(["optimize", str(path), str(tmp_path / "o.onnx"), "--reconstruct"]) == 2
     assert "--reconstruct needs calibration data" in capsys.readouterr().err
+
+
+# N:M refit (ReconstructNm)
+
+def nm_calib(tmp_path, shape, seed):
+    path = tmp_path / f"nm{seed}.npz"
+    np.savez(path, x=np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    return str(path)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_nm_refit_keeps_the_pattern_and_brings_the_output_closer(tmp_path, permute):
+    from test_nm_sparsify import mlp, weights_of
+
+    from gkp_onnx.passes.nm_sparsify import satisfies_nm
+    model = mlp()  # fc1 [16, 32] -> Relu -> fc2 [32, 8] (the head, included here)
+    options = dict(gkp=False, nm="2:4", nm_include_head=True, nm_permute=permute, calib=nm_calib(tmp_path, (256, 16), 0))
+    masked, _ = optimize(model, **options)
+    refit, report = optimize(model, reconstruct=True, **options)
+    assert set(report.reconstruction) == {"fc1", "fc2"}
+    assert all(after <= before for before, after in report.reconstruction.values())
+    assert report.reconstruction["fc2"][1] < 0.8 * report.reconstruction["fc2"][0]
+    for name in ("w1", "w2"):  # the same zeros: the N:M pattern is untouched, only kept values move
+        np.testing.assert_array_equal(weights_of(refit)[name] != 0, weights_of(masked)[name] != 0)
+        assert satisfies_nm(weights_of(refit)[name], 0, 2, 4)
+    held_out = np.random.default_rng(1).standard_normal((64, 2, 16)).astype(np.float32)
+    error = lambda m: np.mean([(run(m, {"x": x})[0] - run(model, {"x": x})[0]) ** 2 for x in held_out])  # noqa: E731
+    assert error(refit) < 0.8 * error(masked)
+
+
+def test_nm_refit_follows_the_permuted_output_order(tmp_path):
+    # nm_permutation reorders fc1's output columns; fc1's refit must compare like with like, so its
+    # errors are those of the unpermuted run (each column's fit does not depend on the order)
+    from test_nm_sparsify import mlp
+    calib = nm_calib(tmp_path, (256, 16), 0)
+    runs = [optimize(mlp(), gkp=False, nm="2:4", nm_include_head=True, nm_permute=p, calib=calib, reconstruct=True)[1]
+            for p in (False, True)]
+    assert runs[1].nm.layers[1].permuted
+    np.testing.assert_allclose(runs[1].reconstruction["fc1"], runs[0].reconstruction["fc1"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_linear_view_of_a_conv_matches_onnxruntime_and_round_trips(group):
+    from gkp_onnx.passes.reconstruct import _linear_view
+    from fixtures import GraphBuilder
+    b = GraphBuilder()
+    model = b.build(b.conv("x", 16, group=group, strides=[2, 2]))
+    node = model.graph.node[0]
+    initializers = {t.name: t for t in model.graph.initializer}
+    features, weight, store = _linear_view(node, initializers)
+    x = np.random.default_rng(0).standard_normal([2, 8, 10, 10]).astype(np.float32)
+    bias = numpy_helper.to_array(initializers[node.input[2]])
+    expected = run(model, {"x": x})[0]  # [2, 16, 5, 5]
+    got = (features(x).numpy() @ weight + bias).reshape(2, -1, 16).transpose(0, 2, 1).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(store(weight), numpy_helper.to_array(initializers[node.input[1]]))
+
+
+def test_nm_conv_refit_on_a_plain_conv_model(tmp_path):
+    model = TOPOLOGIES["chain"]()
+    options = dict(gkp=False, nm="2:4", nm_conv=True, nm_include_head=True, calib=nm_calib(tmp_path, (64, 8, 10, 10), 0))
+    masked, _ = optimize(model, **options)
+    refit, report = optimize(model, reconstruct=True, **options)
+    assert len(report.reconstruction) == 2
+    assert all(after <= before for before, after in report.reconstruction.values())
+    held_out = {"x": np.random.default_rng(1).standard_normal((16, 8, 10, 10)).astype(np.float32)}
+    error = lambda m: np.mean((run(m, held_out)[0] - run(model, held_out)[0]) ** 2)  # noqa: E731
+    assert error(refit) < error(masked)
+
+
+def test_nm_refit_on_the_real_tiny_llama(tmp_path):
+    from conftest import shared_file
+    path = shared_file("tinyllama-aidreams260K/aidreams260K_derived.onnx")
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "tokens.npz"
+    np.savez(calib, input_ids=rng.integers(1, 512, (8, 32)))
+    held_out = {"input_ids": rng.integers(1, 512, (4, 32))}
+    options = dict(gkp=False, nm="2:4", input_shapes={"input_ids": [1, 32]}, validate=False, nm_permute=False,
+                   calib=str(calib))
+    masked, _ = optimize(path, **options)
+    refit, report = optimize(path, reconstruct=True, **options)
+    assert len(report.reconstruction) == 28
+    assert all(after <= before for before, after in report.reconstruction.values())
+    dense = run(onnx.load(path), held_out)[0]
+    error = lambda m: np.mean((run(m, held_out)[0] - dense) ** 2)  # noqa: E731
+    assert error(refit) < 0.5 * error(masked)
