@@ -10,9 +10,11 @@ model, Y = L's Conv output in the original model, both captured with onnxruntime
 calibration set. With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
     [W_g; b_g] = argmin ||P_g [W_g; b_g] - Y[:, F_g]||^2 + lam * ||W_g||^2,
     lam = ridge * trace(P_g^T P_g) / dim
-solved from Gram matrices accumulated over batches (memory: (n*kh*kw + 1)^2 per group, not the
-dataset). The refit is kept only when it lowers the layer's output error on the calibration data
-(computed from the same Gram matrices), so a layer never gets worse than before.
+solved from Gram matrices accumulated over batches ((n*kh*kw + 1)^2 per group). The refit is kept
+only when it lowers the layer's output error on the calibration data (computed from the same Gram
+matrices), so a layer never gets worse than before. The captures come from `Activations`: both
+models run once, segment by segment, keeping only the tensors later nodes read (up to
+ACTIVATION_BUDGET bytes per model; beyond, each capture is recomputed from the inputs).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
     return F.unfold(tensor, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
 
 
+ACTIVATION_BUDGET = 2 << 30  # bytes of cached activations per model (see Activations)
+
+
 class Reconstruct(Pass):
     name = "reconstruct"
 
@@ -75,14 +80,15 @@ class Reconstruct(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         original_nodes = {n.name: n for n in self.original.graph.node}
         order = {n.name: i for i, n in enumerate(model.graph.node)}
+        pruned, reference = Activations(model, self.data), Activations(self.original, self.data)
         for layer in sorted(plan.layers, key=lambda l: order[l.grouped_node]):
-            target = original_nodes[layer.node].output[0]
-            self._refit(model, layer, make_session(_up_to(self.original, target)), target)
+            conv = next(n for n in model.graph.node if n.name == layer.grouped_node)
+            pairs = zip(pruned.values(conv.input[0]), reference.values(original_nodes[layer.node].output[0]))
+            self._refit(model, layer, conv, pairs)
         return PassResult(model, plan, modified=bool(plan.layers))
 
-    def _refit(self, model, layer: LayerPlan, reference, target: str) -> None:
-        nodes = {n.name: n for n in model.graph.node}
-        conv = nodes[layer.grouped_node]
+    def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, pairs) -> None:
+        """`pairs`: per batch, (the Conv's input in the pruned model, its output in the original)."""
         attrs = _attrs(conv)
         initializers = {t.name: t for t in model.graph.initializer}
         weight = numpy_helper.to_array(initializers[conv.input[1]])
@@ -93,10 +99,8 @@ class Reconstruct(Pass):
         width = n * int(np.prod(kernel)) + 1
         gram, cross, energy = np.zeros((g, width, width)), np.zeros((g, width, d)), np.zeros((g, d))
         order = np.concatenate(layer.groups)
-        session = make_session(_up_to(model, conv.input[0]))
-        for feed in batches(session, self.data):
-            x = session.run([conv.input[0]], feed)[0]
-            y = torch.from_numpy(np.ascontiguousarray(reference.run([target], feed)[0][:, order], dtype=np.float32))
+        for x, y in pairs:
+            y = torch.from_numpy(np.ascontiguousarray(y[:, order], dtype=np.float32))
             cols = patches(x, attrs, kernel)  # [N, G*n*k, L]
             batch, _, positions = cols.shape
             cols = cols.view(batch, g, width - 1, positions)
@@ -167,6 +171,7 @@ class ReconstructNm(Pass):
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         original_nodes = {n.name: n for n in self.original.graph.node}
         original_weights = {t.name: t for t in self.original.graph.initializer}
+        sparse, dense = Activations(model, self.data), Activations(self.original, self.data)
         for name in sorted(self.layers, key=order.__getitem__):
             node = next(n for n in model.graph.node if n.name == name)
             initializers = {t.name: t for t in model.graph.initializer}
@@ -175,10 +180,12 @@ class ReconstructNm(Pass):
             reference_view = _linear_view(reference, original_weights) if reference is not None else None
             if view is None or reference_view is None or reference_view[1].shape != view[1].shape:
                 continue
-            self._refit(model, node, view, reference, reference_view, initializers[node.input[1]])
+            pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]))
+            self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
         return PassResult(model, plan, modified=bool(self.errors))
 
-    def _refit(self, model, node, view, reference, reference_view, init) -> None:
+    def _refit(self, node, view, reference_view, pairs, init) -> None:
+        """`pairs`: per batch, (the layer's input in the sparse model, in the original)."""
         features, weight, store = view
         reference_features, reference_weight, _ = reference_view
         order = self.output_orders.get(node.name, np.arange(weight.shape[1]))
@@ -186,11 +193,9 @@ class ReconstructNm(Pass):
         dim = weight.shape[0]
         gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
         samples = 0
-        session = make_session(_up_to(model, node.input[0]))
-        reference_session = make_session(_up_to(self.original, reference.input[0]))
-        for feed in batches(session, self.data):
-            rows = features(session.run([node.input[0]], feed)[0])
-            target = reference_features(reference_session.run([reference.input[0]], feed)[0]) @ target_weight
+        for x, x_original in pairs:
+            rows = features(x)
+            target = reference_features(x_original) @ target_weight
             samples += rows.shape[0]
             gram += (rows.T @ rows).double().numpy()
             cross += (rows.T @ target).double().numpy()
@@ -257,6 +262,66 @@ def _linear_view(node: onnx.NodeProto, initializers: dict):
 def _squared_error(coef: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> float:
     """sum ||P coef - T||^2 from the Gram matrices: tr(c^T G c) - 2 tr(c^T X) + ||T||^2."""
     return float(np.einsum("ij,ik,kj->", coef, gram, coef) - 2 * np.einsum("ij,ij->", coef, cross) + energy.sum())
+
+
+class Activations:
+    """Per-batch values of a model's tensors on the calibration data, for layers visited in
+    topological order.
+
+    The model is run segment by segment: only the tensors that later nodes still read (the
+    frontier) are kept, per batch, so capturing the inputs of L layers costs one forward pass, not
+    L prefix passes. Each segment is built from the live model, so weights refit since the last
+    call are used. Memory: the frontier over the whole calibration set; past ACTIVATION_BUDGET (or for
+    a tensor no longer on the frontier, or graphs with subgraphs) it falls back to recomputing each
+    tensor from the inputs, batch by batch.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset):
+        self.model, self.data = model, data
+        self.position = 0  # nodes before it have been run
+        has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                            for node in model.graph.node for a in node.attribute)
+        self.frontier: list[dict[str, np.ndarray]] | None = None if has_subgraphs else \
+            list(batches(make_session(_up_to(model, model.graph.input[0].name)), data))
+
+    def values(self, tensor: str):
+        """Iterate over `tensor`'s value per batch."""
+        if self.frontier is not None:
+            producers = {o: i for i, node in enumerate(self.model.graph.node) for o in node.output}
+            end = producers[tensor] + 1 if tensor in producers else 0
+            if end > self.position:
+                self._advance(end, tensor)
+            if self.frontier is not None and tensor in self.frontier[0]:
+                return (batch[tensor] for batch in self.frontier)
+        return self._recompute(tensor)
+
+    def _recompute(self, tensor: str):
+        session = make_session(_up_to(self.model, tensor))
+        return (session.run([tensor], feed)[0] for feed in batches(session, self.data))
+
+    def _advance(self, end: int, keep: str) -> None:
+        nodes = list(self.model.graph.node)
+        segment = nodes[self.position:end]
+        later = {name for node in nodes[end:] for name in node.input} | {keep}
+        reads = {name for node in segment for name in node.input}
+        outputs = [o for node in segment for o in node.output if o in later]
+        first = self.frontier[0]
+        inputs = [name for name in first if name in reads]
+        initializers = [t for t in self.model.graph.initializer if t.name in reads]
+        part = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                segment, "segment",
+                [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(first[n].dtype), None)
+                 for n in inputs],
+                [onnx.ValueInfoProto(name=o) for o in outputs], initializers),
+            opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        session = make_session(part) if outputs else None
+        for index, batch in enumerate(self.frontier):
+            new = dict(zip(outputs, session.run(outputs, {n: batch[n] for n in inputs}))) if session else {}
+            self.frontier[index] = {n: v for n, v in batch.items() if n in later} | new
+        self.position = end
+        if sum(v.nbytes for batch in self.frontier for v in batch.values()) > ACTIVATION_BUDGET:
+            self.frontier = None
 
 
 def _up_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
