@@ -92,6 +92,9 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
                             "onnxruntime CPU's NCHWc kernels; the ratio then holds only on average)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
+    group.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="recompute the filter clustering instead of reusing it from $GKP_ONNX_CACHE "
+                            "or ~/.cache/gkp-onnx")
     nm = parser.add_argument_group("N:M sparsity (MatMul/Gemm weights; TensorRT sparse tensor cores)")
     nm.add_argument("--nm", metavar="N:M", help="keep N of every M weights along the reduction axis, e.g. 2:4")
     nm.add_argument("--nm-conv", action="store_true", help="also sparsify Conv weights (input-channel axis)")
@@ -107,7 +110,7 @@ def _options(args: argparse.Namespace) -> dict:
     return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
                 include_stem=args.include_stem, min_group_width=args.min_group_width,
                 channel_multiple=args.channel_multiple, cost_model=args.cost_model,
-                speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, nm=args.nm, nm_conv=args.nm_conv,
+                speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, cache=args.cache, nm=args.nm, nm_conv=args.nm_conv,
                 nm_include_head=args.nm_include_head, nm_permute=args.nm_permute,
                 input_shapes=dict(getattr(args, "input_shape", [])),
                 thresholds=Thresholds(getattr(args, "max_abs_diff", None), getattr(args, "min_cosine", None),

@@ -27,15 +27,9 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from gkp_onnx.bench import bench
+from gkp_onnx.cache import cache_dir, write_atomic
 from gkp_onnx.passes.choose_groups import AnalyticCpuCost
 from gkp_onnx.plan import LayerPlan
-
-CACHE_ENV = "GKP_ONNX_CACHE"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gkp-onnx")
-
 
 def machine_tag(provider: str, threads: int | None) -> str:
     cpu = platform.processor() or platform.machine()
@@ -111,10 +105,4 @@ class MeasuredCost:
         return self.entries[key]
 
     def _save(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"machine": self.tag, "entries": self.entries}, indent=0))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # an unwritable cache only costs the next run its measurements
+        write_atomic(self.path, json.dumps({"machine": self.tag, "entries": self.entries}, indent=0).encode())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from gkp_onnx.bench import bench
+from gkp_onnx.cache import cache_dir
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.model_io import check_model, load_model
@@ -59,6 +60,7 @@ class OptimizeOptions:
     cost_model: CostModel | str | None = None  # "analytic" (default), "measured", or a CostModel
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
     fold: bool = True  # fold channel Gathers into their producing Convs
+    cache: bool = True  # reuse clusterings from the on-disk cache (gkp_onnx.cache)
     reconstruct: bool = False  # refit the kept kernels on the calibration data (needs calib)
     bench_batches: list[int] = field(default_factory=list)  # measure input vs optimized latency
     bench_providers: list[str] = field(default_factory=lambda: ["cpu"])
@@ -221,7 +223,8 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
         return model, plan
     choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,
                           never_slower=opts.groups is None)
-    passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts),
+    passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts,
+                             cache=cache_dir() if opts.cache else None),
               choose, SelectKernels(opts.method, opts.seed)]
     return run_passes(passes + finish, model, plan)
 

@@ -11,6 +11,10 @@ as a linear assignment of filters to G*d centroid slots (scipy linear_sum_assign
 are re-estimated from the balanced groups and the assignment repeated a few times (balanced
 Lloyd steps). Deterministic for a given seed.
 
+Results are cached on disk (gkp_onnx.cache, under clusters/) keyed by the filters' bytes, G, the
+seed and the library versions: the clustering does not depend on the pruning ratio, so trying
+another ratio on the same model skips it.
+
 Candidate group counts are the divisors G of Co with Co / G >= `min_group_width` (output
 channels per group: below ~16 grouped convolutions run far from their ideal speed), or the one
 G the user forced with --groups; the choice pass may drop candidates it can prove it would not
@@ -19,7 +23,10 @@ pick (`viable`), so they are never clustered.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -28,8 +35,10 @@ from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from sklearn.exceptions import ConvergenceWarning
+import sklearn
 from sklearn.cluster import KMeans
 
+from gkp_onnx.cache import write_atomic
 from gkp_onnx.errors import GkpError
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
@@ -75,16 +84,43 @@ def balanced_kmeans(filters: np.ndarray, group_count: int, seed: int = 0) -> lis
     return sorted(groups, key=lambda members: members[0])
 
 
+def cached_balanced_kmeans(filters: np.ndarray, group_count: int, seed: int, cache: Path | None) -> list[list[int]]:
+    """balanced_kmeans, looked up in / stored to `cache` (None: no cache)."""
+    if cache is None or group_count in (1, filters.shape[0]):
+        return balanced_kmeans(filters, group_count, seed)
+    data = np.ascontiguousarray(filters)
+    tag = f"{data.shape}|{data.dtype}|G{group_count}|seed{seed}|steps{BALANCED_LLOYD_STEPS}|sklearn{sklearn.__version__}"
+    path = cache / "clusters" / f"{hashlib.sha1(data.tobytes() + tag.encode()).hexdigest()}.npy"
+    try:
+        labels = np.load(path)
+        if labels.shape == (data.shape[0],) and (np.bincount(labels, minlength=group_count)
+                                                 == data.shape[0] // group_count).all():
+            return [np.flatnonzero(labels == g).tolist() for g in range(group_count)]
+    except (OSError, ValueError):
+        pass
+    groups = balanced_kmeans(filters, group_count, seed)
+    labels = np.empty(data.shape[0], dtype=np.int32)
+    for g, members in enumerate(groups):
+        labels[members] = g
+    buffer = io.BytesIO()
+    np.save(buffer, labels)
+    write_atomic(path, buffer.getvalue())
+    return groups
+
+
 class ClusterFilters(Pass):
     name = "cluster"
 
     def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0,
-                 viable: Callable[[LayerPlan, np.ndarray, list[int]], list[int]] | None = None):
-        """`viable(layer, weight, counts)` may drop candidates that cannot be chosen (saves clustering)."""
+                 viable: Callable[[LayerPlan, np.ndarray, list[int]], list[int]] | None = None,
+                 cache: Path | None = None):
+        """`viable(layer, weight, counts)` may drop candidates that cannot be chosen (saves clustering);
+        `cache`: directory of cached clusterings (None: always compute)."""
         self.min_group_width = min_group_width
         self.forced_groups = forced_groups
         self.seed = seed
         self.viable = viable
+        self.cache = cache
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         if not plan.layers:
@@ -98,7 +134,7 @@ class ClusterFilters(Pass):
             if self.viable is not None:
                 counts = self.viable(layer, weight, counts)
             filters = weight.reshape(layer.out_channels, -1)
-            layer.candidate_groups = {g: balanced_kmeans(filters, g, self.seed) for g in counts}
+            layer.candidate_groups = {g: cached_balanced_kmeans(filters, g, self.seed, self.cache) for g in counts}
         return PassResult(model, plan, modified=False)
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:

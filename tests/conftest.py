@@ -48,3 +48,9 @@ def masked_reference(model: onnx.ModelProto, plan) -> onnx.ModelProto:
             weight[~layers[init.name].mask()] = 0
             init.CopyFrom(numpy_helper.from_array(weight, init.name))
     return reference
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test session caches (clusterings, measurements) in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("GKP_ONNX_CACHE", str(tmp_path_factory.getbasetemp() / "gkp-onnx-cache"))
