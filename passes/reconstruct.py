@@ -149,11 +149,11 @@ class ReconstructNm(Pass):
     For each sparsified layer, in topological order, with its linear part seen as rows @ W
     (MatMul: the input's last axis; Gemm: alpha * B, transposed when transB; Conv: im2col patches
     and a block-diagonal W for groups), X' = its input in the sparse-so-far model and
-    T = X @ W_original from the original model (columns in the order nm_permutation left). Column j keeps its non-zero set S_j (the N:M
-    pattern is unchanged) and gets argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only
-    when it lowers that column's error. Biases are not refit. Layers whose weight is not a plain
-    initializer (Transpose / Cast / DequantizeLinear on the way, batched MatMul weights) are left
-    as masked.
+    T = X @ W_original from the original model (columns in the order nm_permutation left).
+    Column j keeps its non-zero set S_j (the N:M pattern is unchanged) and gets
+    argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only when it lowers that column's error.
+    Biases are not refit. Layers whose weight is not a plain initializer (Transpose / Cast /
+    DequantizeLinear on the way, batched MatMul weights) are left as masked.
     """
 
     name = "reconstruct_nm"
@@ -248,7 +248,8 @@ def _linear_view(node: onnx.NodeProto, initializers: dict):
         width, height = out // group, per_group * int(np.prod(kernel))  # filters / patch rows per group
         dense = np.zeros((group * height, out))
         for g in range(group):
-            dense[g * height:(g + 1) * height, g * width:(g + 1) * width] = weight[g * width:(g + 1) * width].reshape(width, -1).T
+            rows, columns = slice(g * height, (g + 1) * height), slice(g * width, (g + 1) * width)
+            dense[rows, columns] = weight[columns].reshape(width, -1).T
         def features(x):
             cols = patches(x, attrs, kernel)  # [N, D, L]
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
