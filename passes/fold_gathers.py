@@ -44,6 +44,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.graph_stats import node_attr
+from gkp_onnx.passes.nm_sparsify import reduction_axis
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
@@ -133,8 +134,7 @@ class FoldGathers(Pass):
             inverse = np.argsort(index)  # channel j of the Gather's input is read at position inverse[j]
             for node in chain:
                 self._reindex_params(model, node, inverse, initializers)
-            axis = 0 if consumer.op_type == "MatMul" or (consumer.op_type == "Gemm" and not node_attr(consumer, "transB", 0)) \
-                else 1
+            axis = reduction_axis(consumer, len(initializers[consumer.input[1]].dims))  # the input-channel axis
             _replace(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
             (chain[0] if chain else consumer).input[0] = gather.input[0]
             graph.node.remove(gather)
