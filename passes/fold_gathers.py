@@ -99,10 +99,7 @@ class FoldGathers(Pass):
         for node, node_index in zip(chain, indices):
             if node.op_type != "Gather":
                 self._reindex_params(model, node, node_index, initializers)
-        top_index = indices[-1]  # Conv weight and bias, or a Gather's indices: all indexed on axis 0
-        for slot in range(1, 3 if top.op_type == "Conv" else 2):
-            if slot < len(top.input) and top.input[slot]:
-                _replace(model, initializers, top.input[slot], lambda v: v[top_index], top, slot)
+        _take_rows(model, top, indices[-1], initializers)
         # rewire: drop the Gathers strictly inside the chain, then the folded Gather itself
         for node in [n for n in chain if n.op_type == "Gather"]:
             for reader in model.graph.node:
@@ -110,9 +107,7 @@ class FoldGathers(Pass):
                     if name == node.output[0]:
                         reader.input[slot] = node.input[0]
             model.graph.node.remove(node)
-        last = chain[0] if chain else top
-        last.output[0] = gather.output[0]
-        model.graph.node.remove(gather)
+        _bypass(model, gather, chain[0] if chain else top)
         _drop_unread(model)
 
     def _sink_one(self, model: onnx.ModelProto) -> bool:
@@ -147,12 +142,9 @@ class FoldGathers(Pass):
         (and disappears when that is the identity)."""
         for node in chain:
             self._reindex_params(model, node, keep, initializers)
-        for slot in range(1, min(3, len(top.input))):
-            if top.input[slot]:
-                _replace(model, initializers, top.input[slot], lambda v: v[keep], top, slot)
+        _take_rows(model, top, keep, initializers)
         if np.array_equal(index, np.arange(len(keep))):
-            (chain[0] if chain else top).output[0] = gather.output[0]
-            model.graph.node.remove(gather)
+            _bypass(model, gather, chain[0] if chain else top)
         else:
             _replace(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
         _drop_unread(model)
@@ -297,6 +289,20 @@ def _replace(model, initializers, name, transform, node, slot) -> None:
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), new_name))
     initializers[new_name] = model.graph.initializer[-1]
     node.input[slot] = new_name
+
+
+def _take_rows(model, node, index, initializers) -> None:
+    """Re-index what makes `node`'s output channels by `index` on axis 0: a Conv's weight and bias,
+    or a Gather's indices."""
+    for slot in range(1, 3 if node.op_type == "Conv" else 2):
+        if slot < len(node.input) and node.input[slot]:
+            _replace(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+
+
+def _bypass(model, gather, last) -> None:
+    """Remove `gather`: `last`, the node that produced its input, now produces its output."""
+    last.output[0] = gather.output[0]
+    model.graph.node.remove(gather)
 
 
 def _drop_unread(model: onnx.ModelProto) -> None:
