@@ -10,11 +10,12 @@ model, Y = L's Conv output in the original model, both captured with onnxruntime
 calibration set. With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
     [W_g; b_g] = argmin ||P_g [W_g; b_g] - Y[:, F_g]||^2 + lam * ||W_g||^2,
     lam = ridge * trace(P_g^T P_g) / dim
-solved from Gram matrices accumulated over batches ((n*kh*kw + 1)^2 per group). The refit is kept
-only when it lowers the layer's output error on the calibration data (computed from the same Gram
-matrices), so a layer never gets worse than before. The captures come from `Activations`: both
-models run once, segment by segment, keeping only the tensors later nodes read (up to
-ACTIVATION_BUDGET bytes per model; beyond, each capture is recomputed from the inputs).
+solved from one Gram matrix per layer accumulated over batches, over the patches of the channels
+any group reads ((|S_0 u .. u S_G-1|*kh*kw + 1)^2); each group's system is a sub-block of it. The
+refit is kept only when it lowers the layer's output error on the calibration data (computed from
+the same Gram matrix), so a layer never gets worse than before. The captures come from
+`Activations`: both models run once, segment by segment, keeping only the tensors later nodes read
+(up to ACTIVATION_BUDGET bytes per model; beyond, each capture is recomputed from the inputs).
 """
 
 from __future__ import annotations
@@ -80,15 +81,22 @@ class Reconstruct(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         original_nodes = {n.name: n for n in self.original.graph.node}
         order = {n.name: i for i, n in enumerate(model.graph.node)}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        initializers = {t.name: t for t in model.graph.initializer}
         pruned, reference = Activations(model, self.data), Activations(self.original, self.data)
         for layer in sorted(plan.layers, key=lambda l: order[l.grouped_node]):
             conv = next(n for n in model.graph.node if n.name == layer.grouped_node)
-            pairs = zip(pruned.values(conv.input[0]), reference.values(original_nodes[layer.node].output[0]))
-            self._refit(model, layer, conv, pairs)
+            source, index = conv.input[0], np.arange(layer.group_count * layer.kept_per_group)
+            gather = producers.get(source)
+            if gather is not None and gather.name.startswith(f"{layer.node}/gkp_gather_in"):  # else the identity
+                source, index = gather.input[0], numpy_helper.to_array(initializers[gather.input[1]])
+            pairs = zip(pruned.values(source), reference.values(original_nodes[layer.node].output[0]))
+            self._refit(model, layer, conv, index, pairs)
         return PassResult(model, plan, modified=bool(plan.layers))
 
-    def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, pairs) -> None:
-        """`pairs`: per batch, (the Conv's input in the pruned model, its output in the original)."""
+    def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> None:
+        """`pairs`: per batch, (the tensor the layer's Gather reads in the pruned model, the layer's
+        output in the original); `index`: the Gather's channel list (G*n)."""
         attrs = _attrs(conv)
         initializers = {t.name: t for t in model.graph.initializer}
         weight = numpy_helper.to_array(initializers[conv.input[1]])
@@ -96,43 +104,27 @@ class Reconstruct(Pass):
             else np.zeros(weight.shape[0], weight.dtype)
         g, d, n = layer.group_count, layer.out_channels // layer.group_count, layer.kept_per_group
         kernel = list(weight.shape[2:])
-        width = n * int(np.prod(kernel)) + 1
-        gram, cross, energy = np.zeros((g, width, width)), np.zeros((g, width, d)), np.zeros((g, d))
-        order = np.concatenate(layer.groups)
-        for x, y in pairs:
-            y = torch.from_numpy(np.ascontiguousarray(y[:, order], dtype=np.float32))
-            cols = patches(x, attrs, kernel)  # [N, G*n*k, L]
-            batch, _, positions = cols.shape
-            cols = cols.view(batch, g, width - 1, positions)
-            y = y.reshape(batch, g, d, positions)
-            # augmented Gram [[P^T P, P^T 1], [1^T P, N*L]] and cross [[P^T T], [1^T T]], per group
-            sums = cols.sum(dim=(0, 3)).double().numpy()
-            gram[:, :-1, :-1] += torch.einsum("bgkl,bgjl->gkj", cols, cols).double().numpy()
-            gram[:, :-1, -1] += sums
-            gram[:, -1, :-1] += sums
-            gram[:, -1, -1] += batch * positions
-            cross[:, :-1] += torch.einsum("bgkl,bgdl->gkd", cols, y).double().numpy()
-            cross[:, -1] += y.sum(dim=(0, 3)).double().numpy()
-            energy += (y.double() ** 2).sum(dim=(0, 3)).numpy()
-        samples = gram[0, -1, -1]
+        k = int(np.prod(kernel))
+        used, position = np.unique(index, return_inverse=True)  # the channels any group reads
+        gram, cross, energy = _normal_equations(pairs, attrs, kernel, used, np.concatenate(layer.groups))
+        samples = gram[-1, -1]
         new_weight, new_bias = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
         before = after = 0.0
         for group in range(g):
             rows = slice(group * d, (group + 1) * d)
+            columns = np.append((position[group * n:(group + 1) * n, None] * k + np.arange(k)).ravel(), len(gram) - 1)
+            sub_gram, sub_cross, total = gram[np.ix_(columns, columns)], cross[columns, rows], energy[rows].sum()
             old = np.concatenate([weight[rows].reshape(d, -1).T, bias[rows][None, :]]).astype(np.float64)
-            lam = self.ridge * np.trace(gram[group]) / width
-            reg = lam * np.eye(width)
+            reg = self.ridge * np.trace(sub_gram) / len(columns) * np.eye(len(columns))
             reg[-1, -1] = 0.0  # no penalty on the bias
-            fit = np.linalg.solve(gram[group] + reg, cross[group])
-            err_old = _squared_error(old, gram[group], cross[group], energy[group])
-            err_new = _squared_error(fit, gram[group], cross[group], energy[group])
+            fit = np.linalg.solve(sub_gram + reg, sub_cross)
+            err_old = _squared_error(old, sub_gram, sub_cross, total)
+            err_new = _squared_error(fit, sub_gram, sub_cross, total)
             before += err_old
             if err_new < err_old:
                 new_weight[rows] = fit[:-1].T.reshape(d, n, *kernel)
                 new_bias[rows] = fit[-1]
-                after += err_new
-            else:
-                after += err_old
+            after += min(err_new, err_old)
         self.errors[layer.node] = (before / samples / layer.out_channels, after / samples / layer.out_channels)
         initializers[conv.input[1]].CopyFrom(numpy_helper.from_array(new_weight.astype(weight.dtype), conv.input[1]))
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_bias"
@@ -141,6 +133,22 @@ class Reconstruct(Pass):
         else:
             model.graph.initializer.append(numpy_helper.from_array(new_bias.astype(weight.dtype), bias_name))
             conv.input.append(bias_name)
+
+
+def _normal_equations(pairs, attrs: dict, kernel: list[int], channels: np.ndarray, order: np.ndarray):
+    """Gram [D, D], cross [D, Co] and per-filter energy [Co] of the least-squares problem
+    patches(X[:, channels]) @ coef = Y[:, order], D = len(channels)*kh*kw + 1 (the last column is
+    ones, for the bias). One Gram serves every group, whichever of the channels it reads. Per batch
+    the products are summed in float32, across batches in float64."""
+    gram = cross = energy = 0.0
+    for x, y in pairs:
+        cols = patches(np.ascontiguousarray(x[:, channels]), attrs, kernel)  # [N, C*k, L]
+        cols = torch.cat([cols, torch.ones_like(cols[:, :1])], dim=1)
+        y = torch.from_numpy(np.ascontiguousarray(y[:, order], dtype=np.float32)).flatten(2)  # [N, Co, L]
+        gram = gram + torch.einsum("bkl,bjl->kj", cols, cols).double().numpy()
+        cross = cross + torch.einsum("bkl,bol->ko", cols, y).double().numpy()
+        energy = energy + (y.double() ** 2).sum(dim=(0, 2)).numpy()
+    return gram, cross, energy
 
 
 class ReconstructNm(Pass):
