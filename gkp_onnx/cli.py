@@ -75,7 +75,9 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
                        help="share of input channels each filter group drops, in [0, 1) (default 0.4375)")
     group.add_argument("--groups", type=_groups, default=None, metavar="auto|N",
                        help="group count for every layer, or 'auto' to choose per layer (default)")
-    group.add_argument("--method", default="leanflex", choices=SELECTION_METHODS)
+    group.add_argument("--method", default="leanflex", choices=SELECTION_METHODS,
+                       help="kernel selection: leanflex (default), l2, random, or the prior art tmi (TMI-GKP), "
+                            "sr (SR-GKP, also groups filters by smoothness)")
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="leave Convs whose node or weight name matches dense (repeatable)")
     group.add_argument("--include-stem", action="store_true", help="also prune the stem Conv")

@@ -224,7 +224,7 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,
                           never_slower=opts.groups is None)
     passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts,
-                             cache=cache_dir() if opts.cache else None),
+                             cache=cache_dir() if opts.cache else None, method=opts.method),
               choose, SelectKernels(opts.method, opts.seed)]
     return run_passes(passes + finish, model, plan)
 

@@ -38,7 +38,7 @@ from onnx import numpy_helper
 
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Candidate, LayerPlan, Plan, SkippedLayer
-from gkp_onnx.passes.select_kernels import kernel_scores, keep_top, retained_importance
+from gkp_onnx.passes.select_kernels import retained_importance, select
 
 DEFAULT_SPEED_WEIGHT = 0.25
 
@@ -98,7 +98,7 @@ class ChooseGroups(Pass):
 
     def _evaluate(self, layer: LayerPlan, weight: np.ndarray, group_count: int,
                   groups: list[list[int]]) -> Candidate:
-        kept = keep_top(kernel_scores(weight, groups, self.method, self.seed), layer.kept_per_group)
+        kept = select(weight, groups, layer.kept_per_group, self.method, self.seed)
         retained = retained_importance(weight, groups, kept)
         cost = self.cost_model.relative_time(layer, group_count)
         return Candidate(group_count, retained, cost, retained - self.speed_weight * cost)

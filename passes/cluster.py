@@ -15,6 +15,10 @@ Results are cached on disk (gkp_onnx.cache, under clusters/) keyed by the filter
 seed and the library versions: the clustering does not depend on the pruning ratio, so trying
 another ratio on the same model skips it.
 
+With method "sr" (SR-GKP) the groups are not clustered: filters sorted by roughness
+(select_kernels.roughness summed over the filter) are dealt to the groups in snake order
+(0, 1, .., G-1, G-1, .., 0, 0, 1, ..), so every group mixes smooth and rough filters.
+
 Candidate group counts are the divisors G of Co with Co / G >= `min_group_width` (output
 channels per group: below ~16 grouped convolutions run far from their ideal speed), or the one
 G the user forced with --groups; the choice pass may drop candidates it can prove it would not
@@ -40,6 +44,7 @@ from sklearn.cluster import KMeans
 
 from gkp_onnx.cache import write_atomic
 from gkp_onnx.errors import GkpError
+from gkp_onnx.passes.select_kernels import roughness
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 
@@ -84,6 +89,16 @@ def balanced_kmeans(filters: np.ndarray, group_count: int, seed: int = 0) -> lis
     return sorted(groups, key=lambda members: members[0])
 
 
+def snake_groups(weight: np.ndarray, group_count: int) -> list[list[int]]:
+    """SR-GKP's grouping: filters by ascending roughness, dealt to the groups in snake order."""
+    order = np.argsort(roughness(weight).sum(axis=1), kind="stable")
+    position = np.arange(len(order))
+    lap, seat = np.divmod(position, group_count)
+    label = np.where(lap % 2 == 0, seat, group_count - 1 - seat)
+    groups = [sorted(order[label == g].tolist()) for g in range(group_count)]
+    return sorted(groups, key=lambda members: members[0])
+
+
 def cached_balanced_kmeans(filters: np.ndarray, group_count: int, seed: int, cache: Path | None) -> list[list[int]]:
     """balanced_kmeans, looked up in / stored to `cache` (None: no cache)."""
     if cache is None or group_count in (1, filters.shape[0]):
@@ -113,14 +128,15 @@ class ClusterFilters(Pass):
 
     def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0,
                  viable: Callable[[LayerPlan, np.ndarray, list[int]], list[int]] | None = None,
-                 cache: Path | None = None):
+                 cache: Path | None = None, method: str = "leanflex"):
         """`viable(layer, weight, counts)` may drop candidates that cannot be chosen (saves clustering);
-        `cache`: directory of cached clusterings (None: always compute)."""
+        `cache`: directory of cached clusterings (None: always compute); `method` "sr": snake groups."""
         self.min_group_width = min_group_width
         self.forced_groups = forced_groups
         self.seed = seed
         self.viable = viable
         self.cache = cache
+        self.method = method
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         if not plan.layers:
@@ -134,7 +150,8 @@ class ClusterFilters(Pass):
             if self.viable is not None:
                 counts = self.viable(layer, weight, counts)
             filters = weight.reshape(layer.out_channels, -1)
-            layer.candidate_groups = {g: cached_balanced_kmeans(filters, g, self.seed, self.cache) for g in counts}
+            layer.candidate_groups = {g: snake_groups(weight, g) if self.method == "sr" else
+                                      cached_balanced_kmeans(filters, g, self.seed, self.cache) for g in counts}
         return PassResult(model, plan, modified=False)
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.passes.cluster import balanced_kmeans, candidate_group_counts
+from gkp_onnx.passes.cluster import balanced_kmeans, candidate_group_counts, snake_groups
 from gkp_onnx.plan import LayerPlan
 
 
@@ -63,3 +63,11 @@ def test_clusterings_are_cached_and_reused(tmp_path, monkeypatch):
     next((tmp_path / "clusters").glob("*.npy")).write_bytes(b"garbage")  # a damaged entry is recomputed
     monkeypatch.undo()
     assert cluster.cached_balanced_kmeans(filters, 4, 0, tmp_path) == first
+
+
+def test_snake_groups_deal_filters_by_roughness():
+    # filter f has roughness growing with f: snake order 0 1 1 0 | 0 1 1 0 for G = 2
+    weight = np.zeros((8, 1, 3, 3))
+    weight[:, 0, 0, 0] = np.arange(8)
+    assert snake_groups(weight, 2) == [[0, 3, 4, 7], [1, 2, 5, 6]]
+    assert snake_groups(weight, 4) == [[0, 7], [1, 6], [2, 5], [3, 4]]

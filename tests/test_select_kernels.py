@@ -1,9 +1,11 @@
+import itertools
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from gkp_onnx.passes.select_kernels import (geometric_median, grouped_kernels, keep_top, kernel_scores,
-                                             retained_importance)
+from gkp_onnx.passes.select_kernels import (BALANCER, KEPT_SHARE, geometric_median, grouped_kernels, keep_top,
+                                             kernel_scores, retained_importance, roughness, select, tmi_cost)
 
 
 def test_geometric_median_minimises_sum_of_distances():
@@ -63,3 +65,38 @@ def test_retained_importance():
     weight[1, 3] = 4.0
     assert retained_importance(weight, [[0], [1]], [[0], [3]]) == pytest.approx(1.0)
     assert retained_importance(weight, [[0], [1]], [[0], [0]]) == pytest.approx(9 / 25)
+
+
+def test_tmi_cost_matches_its_definition():
+    rng = np.random.default_rng(0)
+    sim = rng.random((7, 7))
+    sim = (sim + sim.T) / 2
+    sets = [set(c) for c in itertools.combinations(range(7), 5)][:6]
+    chosen = np.array([[i in kept for i in range(7)] for kept in sets])
+    m = max(1, int(KEPT_SHARE * 5))
+    for kept, cost in zip(sets, tmi_cost(sim, chosen)):
+        pairs = sum(sim[i, j] for i, j in itertools.combinations(sorted(kept), 2))
+        represented = sum(sum(sorted((sim[i, j] for j in kept), reverse=True)[:m]) for i in set(range(7)) - kept)
+        assert cost == pytest.approx(pairs - BALANCER * represented)
+
+
+@pytest.mark.parametrize("method", ["tmi", "sr"])
+def test_set_methods_drop_a_duplicate_kernel_first(method):
+    # channels 0 and 1 carry the same grouped kernel: keeping 3 of 4 must keep only one of them
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((4, 4, 3, 3))
+    weight[:, 1] = weight[:, 0]
+    kept = select(weight, [[0, 1], [2, 3]], 3, method)
+    assert [len(set(k) & {0, 1}) for k in kept] == [1, 1]
+    assert all(k == sorted(k) and len(set(k)) == 3 for k in kept)
+    assert kept == select(weight, [[0, 1], [2, 3]], 3, method)  # deterministic
+
+
+def test_sr_prefers_the_smoother_of_two_interchangeable_kernels():
+    smooth = np.ones((3, 3))
+    rough = np.sqrt(np.indices((3, 3)).sum(0) % 2 + 0.5)  # checkerboard of squared values 0.5 / 1.5
+    weight = np.zeros((1, 3, 3, 3))
+    weight[0, 0], weight[0, 1], weight[0, 2] = 10 * smooth, smooth, rough
+    assert roughness(np.stack([smooth, rough])[None])[0, 0] == 0 < roughness(np.stack([smooth, rough])[None])[0, 1]
+    assert roughness(np.ones((1, 1, 1, 1)))[0, 0] == 0  # 1x1: no neighbours
+    assert select(weight, [[0]], 2, "sr") == [[0, 1]]

@@ -50,10 +50,11 @@ def test_pruned_equals_masked_dense(topology, groups):
     assert any(not np.allclose(a, b) for a, b in zip(run(model, feed), pruned))
 
 
-def test_auto_group_count_is_exact_on_every_topology():
+@pytest.mark.parametrize("method", ["leanflex", "tmi", "sr"])
+def test_auto_group_count_is_exact_on_every_topology(method):
     for name in PRUNABLE:
         model = TOPOLOGIES[name]()
-        optimized, report = optimize(model, ratio=0.4375)
+        optimized, report = optimize(model, ratio=0.4375, method=method)
         feed = random_feed(model)
         for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(optimized, feed)):
             np.testing.assert_allclose(actual, expected, **tolerance(model))
