@@ -112,7 +112,7 @@ def select(weight: np.ndarray, groups: list[list[int]], n: int, method: str = "l
     if method not in ("tmi", "sr"):
         return keep_top(kernel_scores(weight, groups, method, seed), n)
     kernels = grouped_kernels(weight, groups)
-    rough = np.stack([roughness(weight)[f].sum(axis=0) for f in groups]) if method == "sr" else None
+    rough = roughness(weight)[np.asarray(groups)].sum(axis=1) if method == "sr" else None  # [G, Ci]
     kept = []
     for g in range(len(groups)):
         sim = 1.0 - cdist(kernels[g], kernels[g])
