@@ -9,7 +9,7 @@ classic L1 filter pruning (same passes), and auto G at the ratio that brings its
 ("gkp-auto=L1-MACs"; auto G folds more than the ratio alone removes), each one-shot and
 reconstructed with each image count.
 Distillation fine-tuning (conditions c/d) is benchmarks/cifar10_recover.py. Writes
-benchmarks/results/cifar10.json and .md after every row.
+benchmarks/results/cifar10.json and .md after every row, keeping the rows of other models.
 """
 
 from __future__ import annotations
@@ -128,8 +128,14 @@ def main() -> None:
 
 
 def write(rows: list[dict], ratio: float) -> None:
+    """Rows of this run, after the earlier rows at this ratio that it did not measure again."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cifar10.json").write_text(json.dumps({"ratio": ratio, "rows": rows}, indent=1))
+    path = RESULTS / "cifar10.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    key = lambda r: (r["model"], r["method"], r["images"])  # noqa: E731
+    new = {key(r) for r in rows}
+    rows = [r for r in earlier.get("rows", []) if earlier.get("ratio") == ratio and key(r) not in new] + rows
+    path.write_text(json.dumps({"ratio": ratio, "rows": rows}, indent=1))
     lines = ["# CIFAR-10: GKP vs L1 filter pruning, one-shot and reconstructed", "",
              f"Ratio {ratio} (gkp-auto=L1-MACs: the ratio in brackets); top-1 on the 932 exact-pixel test "
              "images and the 10k JPEG test set; reconstruction on unlabeled JPEG test images disjoint from the "

@@ -7,7 +7,10 @@ After:  the same graph; each grouped Conv's weight (and bias) replaced by a leas
 
 For layer L with groups g (filters F_g, kept channels S_g): X' = L's input in the pruned-so-far
 model, Y = L's Conv output in the original model, both captured with onnxruntime on the
-calibration set. With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
+calibration set. When L's output is read only by an Add with a computed tensor R (the shortcut of
+a residual block), the target becomes Y + R_original - R_pruned: the refit aims at the sum the
+block passes on, absorbing what the pruned layers before it left on the shortcut (`shortcut`,
+on by default; ResNet-56 G = 8, 256 images: 88.1% -> 89.1% top-1). With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
     [W_g; b_g] = argmin ||P_g [W_g; b_g] - Y[:, F_g]||^2 + lam * ||W_g||^2,
     lam = ridge * trace(P_g^T P_g) / dim
 solved from one Gram matrix per layer accumulated over batches, over the patches of the channels
@@ -67,10 +70,11 @@ ACTIVATION_BUDGET = 2 << 30  # bytes of cached activations per model (see Activa
 class Reconstruct(Pass):
     name = "reconstruct"
 
-    def __init__(self, original: onnx.ModelProto, data: Dataset, ridge: float = 1e-3):
+    def __init__(self, original: onnx.ModelProto, data: Dataset, ridge: float = 1e-3, shortcut: bool = True):
         self.original = original
         self.data = data
         self.ridge = ridge
+        self.shortcut = shortcut
         self.errors: dict[str, tuple[float, float]] = {}  # layer -> (output MSE before, after)
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
@@ -90,9 +94,25 @@ class Reconstruct(Pass):
             gather = producers.get(source)
             if gather is not None and gather.name.startswith(f"{layer.node}/gkp_gather_in"):  # else the identity
                 source, index = gather.input[0], numpy_helper.to_array(initializers[gather.input[1]])
-            pairs = zip(pruned.values(source), reference.values(original_nodes[layer.node].output[0]))
+            output = original_nodes[layer.node].output[0]
+            targets = reference.values(output)
+            shortcut = self._shortcut(model, output) if self.shortcut else None
+            if shortcut is not None:  # aim at the sum: conv + shortcut as in the original
+                drift = [r - p for r, p in zip(list(reference.values(shortcut)), list(pruned.values(shortcut)))]
+                targets = (y + d for y, d in zip(reference.values(output), drift))
+            pairs = zip(pruned.values(source), targets)
             self._refit(model, layer, conv, index, pairs)
         return PassResult(model, plan, modified=bool(plan.layers))
+
+    @staticmethod
+    def _shortcut(model: onnx.ModelProto, output: str) -> str | None:
+        """The other input of the Add that alone reads `output`, when it is a computed tensor."""
+        readers = [n for n in model.graph.node if output in n.input]
+        if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
+            return None
+        other = [name for name in readers[0].input if name != output]
+        produced = {o for n in model.graph.node for o in n.output}
+        return other[0] if len(other) == 1 and other[0] in produced else None
 
     def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> None:
         """`pairs`: per batch, (the tensor the layer's Gather reads in the pruned model, the layer's

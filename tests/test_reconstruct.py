@@ -193,3 +193,32 @@ def test_activations_run_each_node_once_per_batch(calib):
         assert activations.frontier is not None and activations.position == list(model.graph.node).index(node) + 1
         expected = np.concatenate(list(Activations(model, data)._recompute(node.output[0])))
         np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_conv_feeding_a_residual_add_is_fit_to_the_sum(calib, monkeypatch):
+    # the last Conv of the block is refit towards original conv + (original - pruned) shortcut, so
+    # the Add's output error on the calibration data is the least-squares optimum, below the plain fit
+    import gkp_onnx.passes.reconstruct as reconstruct
+
+    model = TOPOLOGIES["residual"]()
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    assert reconstruct.Reconstruct._shortcut(model, add.input[1]) == add.input[0]
+    assert reconstruct.Reconstruct._shortcut(model, model.graph.node[0].output[0]) is None  # read by a Relu
+    path, x = calib(model)
+
+    def add_error(refit):
+        probes = []
+        for m in (model, refit):
+            probe = onnx.ModelProto()
+            probe.CopyFrom(m)
+            probe.graph.output.append(onnx.ValueInfoProto(name=add.output[0]))
+            probes.append(run(probe, {"x": x})[-1])
+        return np.mean((probes[1] - probes[0]) ** 2)
+
+    options = dict(ratio=0.5, groups=2, min_group_width=1, calib=path, reconstruct=True)
+    with_shortcut, _ = optimize(model, **options)
+    original_init = reconstruct.Reconstruct.__init__
+    monkeypatch.setattr(reconstruct.Reconstruct, "__init__",
+                        lambda self, *a, **k: original_init(self, *a, **k, shortcut=False))
+    plain, _ = optimize(model, **options)
+    assert add_error(with_shortcut) < add_error(plain)
