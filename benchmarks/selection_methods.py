@@ -1,12 +1,13 @@
 """Kernel selection methods compared on the real CIFAR-10 ResNets: one-shot and reconstructed.
 
     python benchmarks/selection_methods.py [--models resnet56] [--groups 8] [--images 1024]
-        [--methods leanflex,l2,random,tmi,sr]
+        [--methods leanflex,l2,random,tmi,sr]      (--images 0: one-shot only)
 
 Ratio 0.4375 at a fixed G (the prior art's setting: G = 8), so every method prunes the same
 MACs and only the kept kernels (and for sr the grouping) differ. Top-1 on the 932 exact-pixel test
 images and the 10k JPEG test set; reconstruction on unlabeled JPEG test images disjoint from them.
-Writes benchmarks/results/selection_methods.json and .md after every row.
+Writes benchmarks/results/selection_methods.json and .md after every row, keeping earlier rows of
+the same setting that the run does not repeat.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
         for name in args.models.split(","):
             dense = dense_model(name, Path(tmp))
             for method in args.methods.split(","):
-                for images in (0, args.images):
+                for images in sorted({0, args.images}):
                     start = time.perf_counter()
                     model, _ = optimize(dense, ratio=args.ratio, groups=args.groups, method=method, validate=False,
                                         calib=str(calib) if images else None, reconstruct=bool(images))
@@ -52,9 +53,16 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
+    """Rows of this run, after the earlier rows of the same setting that it did not measure again."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "selection_methods.json").write_text(json.dumps({"ratio": args.ratio, "groups": args.groups,
-                                                                "rows": rows}, indent=1))
+    path = RESULTS / "selection_methods.json"
+    setting = {"ratio": args.ratio, "groups": args.groups}
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    key = lambda r: (r["model"], r["method"], r["images"])  # noqa: E731
+    new = {key(r) for r in rows}
+    if {k: earlier.get(k) for k in setting} == setting:
+        rows = [r for r in earlier["rows"] if key(r) not in new] + rows
+    path.write_text(json.dumps({**setting, "rows": rows}, indent=1))
     lines = ["# Kernel selection methods on CIFAR-10", "",
              f"Ratio {args.ratio}, G = {args.groups} for every layer (equal MACs for every method); top-1 on the "
              "932 exact-pixel test images and the 10k JPEG test set; images = 0: one-shot, else reconstructed on "
