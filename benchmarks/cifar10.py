@@ -127,15 +127,21 @@ def main() -> None:
                     write(rows, args.ratio)
 
 
-def write(rows: list[dict], ratio: float) -> None:
-    """Rows of this run, after the earlier rows at this ratio that it did not measure again."""
+def save_rows(name: str, rows: list[dict], key, **setting) -> list[dict]:
+    """Write RESULTS/<name>.json: this run's rows after the earlier rows of the same setting that it
+    did not measure again (so runs of other models or conditions are kept); returns them all."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "cifar10.json"
+    path = RESULTS / f"{name}.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
-    key = lambda r: (r["model"], r["method"], r["images"])  # noqa: E731
     new = {key(r) for r in rows}
-    rows = [r for r in earlier.get("rows", []) if earlier.get("ratio") == ratio and key(r) not in new] + rows
-    path.write_text(json.dumps({"ratio": ratio, "rows": rows}, indent=1))
+    if all(earlier.get(k) == v for k, v in setting.items()):
+        rows = [r for r in earlier.get("rows", []) if key(r) not in new] + rows
+    path.write_text(json.dumps({**setting, "rows": rows}, indent=1))
+    return rows
+
+
+def write(rows: list[dict], ratio: float) -> None:
+    rows = save_rows("cifar10", rows, lambda r: (r["model"], r["method"], r["images"]), ratio=ratio)
     lines = ["# CIFAR-10: GKP vs L1 filter pruning, one-shot and reconstructed", "",
              f"Ratio {ratio} (gkp-auto=L1-MACs: the ratio in brackets); top-1 on the 932 exact-pixel test "
              "images and the 10k JPEG test set; reconstruction on unlabeled JPEG test images disjoint from the "

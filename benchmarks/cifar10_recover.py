@@ -18,7 +18,6 @@ there for other conditions are kept, so slow variants can run separately.
 from __future__ import annotations
 
 import argparse
-import json
 import tarfile
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cifar10 import RESULTS, SHARED, l1_filter, test_sets, top1
+from cifar10 import RESULTS, SHARED, l1_filter, save_rows, test_sets, top1
 from gkp_onnx import optimize
 from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.images import ImageSpec
@@ -43,11 +42,8 @@ def key(row: dict) -> tuple:
     return row["model"], row["variant"], row["train_images"], row["epochs"], row.get("lr", 1e-4)
 
 
-def write(rows: list[dict], earlier: list[dict]) -> None:
-    new = {key(r) for r in rows}
-    rows = [r for r in earlier if key(r) not in new] + rows
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cifar10_recover.json").write_text(json.dumps({"rows": rows}, indent=1))
+def write(rows: list[dict]) -> None:
+    rows = save_rows("cifar10_recover", rows, key)
     lines = ["# CIFAR-10: distillation fine-tuning after reconstruction, and the dense control", "",
              "Ratio 0.4375. Start: reconstruction on 1024 unlabeled training images (JPEG). Fine-tuning: "
              "`gkp_onnx.recover` (AdamW, cosine schedule from the row's lr, KL at T=4 to the dense teacher + cross-entropy on the "
@@ -80,8 +76,6 @@ def main() -> None:
     runs = [(args.fraction, int(e)) for e in args.epochs.split(",")]
     runs += [(float(f), args.low_resource_epochs) for f in filter(None, args.low_resource.split(","))
              if (float(f), args.low_resource_epochs) not in runs]
-    path = RESULTS / "cifar10_recover.json"
-    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(SHARED / "cifar10" / "cifar10_train_jpeg.tar.gz") as archive:
@@ -109,7 +103,7 @@ def main() -> None:
                 rows.append({**base, "train_images": 0, "epochs": 0, "seconds": time.perf_counter() - start,
                              **{k: top1(model, d) for k, d in evaluation.items()}})
                 print(rows[-1], flush=True)
-                write(rows, earlier)
+                write(rows)
                 for fraction, epochs in runs:
                     count = int(round(fraction * TRAIN_IMAGES))
                     data = load_dataset(train_dir, specs, images=CIFAR, limit=count, seed=0)
@@ -120,7 +114,7 @@ def main() -> None:
                                  "seconds": time.perf_counter() - start,
                                  **{k: top1(tuned, d) for k, d in evaluation.items()}})
                     print(rows[-1], flush=True)
-                    write(rows, earlier)
+                    write(rows)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ the same setting that the run does not repeat.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cifar10 import RESULTS, dense_model, test_sets, top1
+from cifar10 import RESULTS, dense_model, save_rows, test_sets, top1
 from gkp_onnx import optimize
 
 
@@ -53,16 +52,8 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    """Rows of this run, after the earlier rows of the same setting that it did not measure again."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "selection_methods.json"
-    setting = {"ratio": args.ratio, "groups": args.groups}
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    key = lambda r: (r["model"], r["method"], r["images"])  # noqa: E731
-    new = {key(r) for r in rows}
-    if {k: earlier.get(k) for k in setting} == setting:
-        rows = [r for r in earlier["rows"] if key(r) not in new] + rows
-    path.write_text(json.dumps({**setting, "rows": rows}, indent=1))
+    rows = save_rows("selection_methods", rows, lambda r: (r["model"], r["method"], r["images"]),
+                     ratio=args.ratio, groups=args.groups)
     lines = ["# Kernel selection methods on CIFAR-10", "",
              f"Ratio {args.ratio}, G = {args.groups} for every layer (equal MACs for every method); top-1 on the "
              "932 exact-pixel test images and the 10k JPEG test set; images = 0: one-shot, else reconstructed on "
