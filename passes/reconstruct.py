@@ -10,7 +10,8 @@ model, Y = L's Conv output in the original model, both captured with onnxruntime
 calibration set. When L's output is read only by an Add with a computed tensor R (the shortcut of
 a residual block), the target becomes Y + R_original - R_pruned: the refit aims at the sum the
 block passes on, absorbing what the pruned layers before it left on the shortcut (`shortcut`,
-on by default; ResNet-56 G = 8, 256 images: 88.1% -> 89.1% top-1). With P_g the im2col patches of X'[:, S_g] (plus a ones column for the bias),
+on by default; ResNet-56 G = 8, 256 images: 88.1% -> 89.1% top-1). With P_g the im2col patches
+of X'[:, S_g] (plus a ones column for the bias),
     [W_g; b_g] = argmin ||P_g [W_g; b_g] - Y[:, F_g]||^2 + lam * ||W_g||^2,
     lam = ridge * trace(P_g^T P_g) / dim
 solved from one Gram matrix per layer accumulated over batches, over the patches of the channels
@@ -96,23 +97,23 @@ class Reconstruct(Pass):
                 source, index = gather.input[0], numpy_helper.to_array(initializers[gather.input[1]])
             output = original_nodes[layer.node].output[0]
             targets = reference.values(output)
-            shortcut = self._shortcut(model, output) if self.shortcut else None
+            shortcut = self._shortcut(model, output, producers) if self.shortcut else None
             if shortcut is not None:  # aim at the sum: conv + shortcut as in the original
                 drift = [r - p for r, p in zip(list(reference.values(shortcut)), list(pruned.values(shortcut)))]
-                targets = (y + d for y, d in zip(reference.values(output), drift))
+                targets = (y + d for y, d in zip(targets, drift))
             pairs = zip(pruned.values(source), targets)
             self._refit(model, layer, conv, index, pairs)
         return PassResult(model, plan, modified=bool(plan.layers))
 
     @staticmethod
-    def _shortcut(model: onnx.ModelProto, output: str) -> str | None:
-        """The other input of the Add that alone reads `output`, when it is a computed tensor."""
+    def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | None:
+        """The other input of the Add that alone reads `output`, when it is a computed tensor
+        (`producers`: tensor -> the node that computes it)."""
         readers = [n for n in model.graph.node if output in n.input]
         if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
             return None
         other = [name for name in readers[0].input if name != output]
-        produced = {o for n in model.graph.node for o in n.output}
-        return other[0] if len(other) == 1 and other[0] in produced else None
+        return other[0] if len(other) == 1 and other[0] in producers else None
 
     def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> None:
         """`pairs`: per batch, (the tensor the layer's Gather reads in the pruned model, the layer's

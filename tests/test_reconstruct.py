@@ -202,8 +202,10 @@ def test_a_conv_feeding_a_residual_add_is_fit_to_the_sum(calib, monkeypatch):
 
     model = TOPOLOGIES["residual"]()
     add = next(n for n in model.graph.node if n.op_type == "Add")
-    assert reconstruct.Reconstruct._shortcut(model, add.input[1]) == add.input[0]
-    assert reconstruct.Reconstruct._shortcut(model, model.graph.node[0].output[0]) is None  # read by a Relu
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert reconstruct.Reconstruct._shortcut(model, add.input[1], producers) == add.input[0]
+    first = model.graph.node[0].output[0]  # read by a Relu
+    assert reconstruct.Reconstruct._shortcut(model, first, producers) is None
     path, x = calib(model)
 
     def add_error(refit):
