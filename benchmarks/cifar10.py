@@ -1,6 +1,7 @@
 """CIFAR-10 accuracy: GKP vs L1 filter pruning, one-shot and after layer-wise reconstruction.
 
     python benchmarks/cifar10.py [--models resnet56] [--images 64,256,1024] [--ratio 0.4375]
+                                 [--variants gkp-auto,gkp-G8,l1-filter,gkp-auto=L1-MACs] (also gkp-G16)
 
 Real pretrained ResNets and CIFAR-10 from ../shared/data. Top-1 on the 932 exact-pixel test
 images (and on the 10k JPEG test set); reconstruction uses unlabeled JPEG test images 932.. (disjoint
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet56")
     parser.add_argument("--images", default="64,256,1024")
     parser.add_argument("--ratio", type=float, default=0.4375)
+    parser.add_argument("--variants", default="gkp-auto,gkp-G8,l1-filter,gkp-auto=L1-MACs")
     args = parser.parse_args()
     evaluation = test_sets()
     unlabeled = evaluation["jpeg10k"].inputs["input"]  # reconstruction images: JPEG test images 932..
@@ -99,8 +101,10 @@ def main() -> None:
             rows.append({"model": name, "method": "dense", "images": 0, "mac_ratio": 1.0, "seconds": 0.0,
                          **{k: top1(dense, d) for k, d in evaluation.items()}})
             print(rows[-1], flush=True)
-            l1_macs = model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
-            equal_macs_ratio = ratio_for_macs(dense, l1_macs)
+            equal_macs_ratio = None
+            if "gkp-auto=L1-MACs" in args.variants.split(","):
+                l1_macs = model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
+                equal_macs_ratio = ratio_for_macs(dense, l1_macs)
             for images in [0] + [int(i) for i in args.images.split(",")]:
                 calib_path = None
                 if images:
@@ -113,10 +117,12 @@ def main() -> None:
                 variants = {  # method -> (ratio, build)
                     "gkp-auto": (args.ratio, gkp(args.ratio)),
                     "gkp-G8": (args.ratio, gkp(args.ratio, groups=8)),
+                    "gkp-G16": (args.ratio, gkp(args.ratio, groups=16)),
                     "l1-filter": (args.ratio, lambda: l1_filter(dense, args.ratio, calib)),
                     "gkp-auto=L1-MACs": (equal_macs_ratio, gkp(equal_macs_ratio)),
                 }
-                for method, (ratio, build) in variants.items():
+                for method in args.variants.split(","):
+                    ratio, build = variants[method]
                     start = time.perf_counter()
                     model = build()
                     seconds = time.perf_counter() - start

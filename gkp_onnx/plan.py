@@ -40,6 +40,10 @@ class LayerPlan:
     kept_per_group: int  # n = round((1 - ratio) * Ci), at least 1
     input_size: list[int] | None = None  # spatial size of the Conv input, for measured cost models
     conv_attrs: dict = field(default_factory=dict)  # strides, pads, dilations, auto_pad as set on the node
+    # Where the GKP Gathers can go (analyze; for cost models): the input Gather into the Conv that
+    # produces the input (read by this Conv only), an output permutation into what reads the output.
+    input_folds: bool = False
+    output_sinks: bool = False
     group_count: int | None = None
     groups: list[list[int]] | None = None
     kept_channels: list[list[int]] | None = None

@@ -12,6 +12,11 @@ A Conv is prunable when all of these hold:
 - it is not the stem: a Conv reading a graph input with <= 4 channels is skipped unless
   `include_stem` (the prior art keeps the stem dense);
 - onnx shape inference knows its output shape (needed for MACs).
+
+For the cost models it also records where the layer's Gathers can go (fold_gathers' rules on the
+input graph): `input_folds` when the Conv producing the input feeds nothing else (the input Gather
+folds into it), `output_sinks` when the output reaches a dense Conv or Gemm through per-channel ops
+(an output permutation is absorbed there). A residual stream does neither.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import Counter
 import onnx
 
 from gkp_onnx.graph_stats import InputSpec, graph_inputs, infer_shapes, node_attr, node_macs
+from gkp_onnx.passes.fold_gathers import walk_to_consumer, walk_to_producer
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -70,6 +76,9 @@ class Analyze(Pass):
         initializers = {t.name: t for t in model.graph.initializer}
         readers = Counter(name for node in model.graph.node for name in node.input)
         input_names = {i.name for i in graph_inputs(model)}
+        producers = {o: node for node in model.graph.node for o in node.output}
+        consumers = {name: node for node in model.graph.node for name in node.input}
+        outputs = {o.name for o in model.graph.output}
         plan.layers, plan.skipped = [], []
         for node in model.graph.node:
             if node.op_type != "Conv":
@@ -85,7 +94,9 @@ class Analyze(Pass):
                 kernel_shape=list(kernel), macs=node_macs(node, shapes),
                 kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple),
                 input_size=input_shape[2:] if input_shape else None,
-                conv_attrs=_geometry(node)))
+                conv_attrs=_geometry(node),
+                input_folds=walk_to_producer(node.input[0], producers, readers, outputs, initializers)[0] is not None,
+                output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs, initializers)[1] is not None))
         return PassResult(model, plan, modified=False)
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:

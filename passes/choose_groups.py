@@ -51,31 +51,44 @@ class CostModel(Protocol):
 class AnalyticCpuCost:
     """Gather + grouped Conv latency on onnxruntime CPU, relative to the dense Conv.
 
-    T(G) = (n / Ci) / efficiency(Co / G) + gather_cost * (G * n / Ci)   for G > 1
-    T(1) = n / Ci + gather_cost * (n / Ci)                               (a plain narrower Conv)
+    T(G) = (n / Ci) / efficiency(Co / G) + moves(G)      (efficiency = 1 at G = 1: a plain narrower Conv)
 
     efficiency(c) is the fraction of the ideal speed-up a grouped Conv with c output channels per
     group reaches on onnxruntime CPU (measured on the 2-core reference machine, DESIGN.md):
     c >= 128: 0.96, 64: 0.88, 32: 0.85, 16: 0.59, 8: 0.35, 4: 0.14, interpolated in log2(c).
-    gather_cost is the channel Gather's time per gathered channel relative to the dense layer's
-    time per input channel (a memory copy vs kh*kw*Co MACs: small).
+
+    moves(G) is the time of the Gathers fold_gathers cannot remove, relative to the dense Conv:
+    move_cost (multiply-adds one moved float costs) x floats moved per output pixel / (Ci*Co*kh*kw).
+    onnxruntime runs Convs in its blocked NCHWc layout and a Gather cannot, so a Gather costs a
+    reorder of its whole input, the copy and a reorder back: (Ci + 2*G*n) floats per input pixel
+    (x the stride's pixels per output pixel) for the input Gather, unless it folds into the Conv
+    producing the input (`layer.input_folds` and G*n <= Ci); 3*Co for an output permutation
+    (G > 1), unless what reads the output absorbs it (`layer.output_sinks`). On a residual stream
+    neither goes: a 1x1 Conv reading one pays more for its Gather than the pruning saves.
+    move_cost = 25: a naive rewrite of ResNet-56 at G = 1 (every Conv behind a Gather) ran 1.43x
+    faster than dense at batch 64 instead of 2.0x (DESIGN.md), i.e. ~25 multiply-adds per moved
+    float; ResNet-50's larger, cache-missing tensors cost more (~90, profiled at batch 8), so the
+    estimate errs on the fast side there.
     """
 
     WIDTHS = np.array([4, 8, 16, 32, 64, 128])
     EFFICIENCY = np.array([0.14, 0.35, 0.59, 0.85, 0.88, 0.96])
 
-    def __init__(self, gather_cost: float = 0.05):
-        self.gather_cost = gather_cost
+    def __init__(self, move_cost: float = 25.0):
+        self.move_cost = move_cost
 
     def efficiency(self, channels_per_group: float) -> float:
         return float(np.interp(np.log2(channels_per_group), np.log2(self.WIDTHS), self.EFFICIENCY))
 
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
-        kept = layer.kept_per_group / layer.in_channels
-        if group_count == 1:
-            return kept + self.gather_cost * kept
-        width = layer.out_channels / group_count
-        return kept / self.efficiency(width) + self.gather_cost * group_count * kept
+        ci, co, n = layer.in_channels, layer.out_channels, layer.kept_per_group
+        compute = n / ci if group_count == 1 else n / ci / self.efficiency(co / group_count)
+        moved = 0.0
+        if not (layer.input_folds and group_count * n <= ci):
+            moved += (ci + 2 * group_count * n) * int(np.prod(layer.conv_attrs.get("strides", [1])))
+        if group_count > 1 and not layer.output_sinks:
+            moved += 3 * co
+        return compute + self.move_cost * moved / (ci * co * int(np.prod(layer.kernel_shape)))
 
 
 def max_retained_importance(weight: np.ndarray, kept_per_filter: int) -> float:

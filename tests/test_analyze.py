@@ -75,3 +75,11 @@ def test_channel_multiple_rounds_kept_channels_for_nchwc_kernels():
     assert kept_per_group(16, 0.1, multiple=8) == 16  # never more than Ci
     assert kept_per_group(16, 0.9, multiple=8) == 8  # never fewer than the multiple
     assert kept_per_group(4, 0.5, multiple=8) == 2  # too narrow to round: the plain n
+
+
+def test_where_the_gathers_can_go_is_recorded_per_layer():
+    from fixtures import residual
+
+    layers = analyze(residual()).layers  # conv1 -> a (shared: conv2 and the Add); conv2 -> conv3 -> Add
+    assert [(layer.input_folds, layer.output_sinks) for layer in layers] == [(False, False), (False, True),
+                                                                            (True, False)]

@@ -5,6 +5,7 @@ from onnx import numpy_helper
 from fixtures import GraphBuilder
 
 from gkp_onnx import optimize
+from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import ensure_node_names, input_specs
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import AnalyticCpuCost, ChooseGroups, max_retained_importance
@@ -59,7 +60,7 @@ def test_custom_cost_model_is_used():
 
 def test_analytic_cost_grows_with_group_count_and_g1_is_the_ideal():
     layer = LayerPlan("c", "w", out_channels=64, in_channels=64, kernel_shape=[3, 3], macs=1, kept_per_group=32)
-    cost = AnalyticCpuCost(gather_cost=0.0)
+    cost = AnalyticCpuCost(move_cost=0.0)
     times = [cost.relative_time(layer, g) for g in (1, 2, 4, 8)]
     assert times[0] == pytest.approx(0.5)
     assert times == sorted(times)
@@ -90,3 +91,17 @@ def test_max_retained_importance_bounds_every_grouping():
         groups = [list(range(i, 16, g)) for i in range(g)]
         kept = keep_top(kernel_scores(weight, groups, "l2"), 6)
         assert retained_importance(weight, groups, kept) <= bound + 1e-12
+
+
+def test_unfoldable_gathers_are_charged_and_a_1x1_conv_on_a_residual_stream_stays_dense():
+    shape = dict(node="c", weight="w", out_channels=64, in_channels=256, kernel_shape=[1, 1], macs=1, kept_per_group=128)
+    cost = AnalyticCpuCost()
+    inner = LayerPlan(**shape, input_folds=True, output_sinks=True)
+    stream = LayerPlan(**shape)
+    assert cost.relative_time(inner, 1) == pytest.approx(0.5)  # the Gather folds into the producer
+    assert cost.relative_time(stream, 1) > 1.0  # reorder + copy of a 256-channel input costs more than it saves
+    assert cost.relative_time(stream, 2) - cost.relative_time(LayerPlan(**shape, output_sinks=True), 2) \
+        == pytest.approx(25 * 3 * 64 / (256 * 64))  # the output permutation that cannot sink
+    b = GraphBuilder(in_channels=256, size=4)
+    with pytest.raises(GkpError, match="kept dense: every group count is estimated slower than the dense Conv"):
+        optimize(b.build(b.conv("x", 64, kernel=1)), ratio=0.5, validate=False)

@@ -18,9 +18,11 @@ def test_real_resnet_exact_vs_masked_dense_and_top1(name, groups):
     x, y = preprocess(images["x"]), images["y"]
     model = load_model(path)
     optimized, report = optimize(model, ratio=0.4375, groups=groups, validate=False)
-    assert len(report.plan.layers) == {"resnet20": 18, "resnet56": 54}[name]  # every stage conv, not the stem
-    planned = sum(layer.macs - layer.pruned_macs for layer in report.plan.layers)
-    assert 1 - planned / report.before.macs == pytest.approx(0.564, abs=0.01)
+    kept_dense = [s for s in report.plan.skipped if "slower" in s.reason]  # auto G: the cost model's verdict
+    assert len(report.plan.layers) + len(kept_dense) == {"resnet20": 18, "resnet56": 54}[name]  # not the stem
+    assert len(kept_dense) <= (2 if groups is None else 0)  # the stride-2 Convs reading a residual stream
+    planned = 1 - sum(layer.macs - layer.pruned_macs for layer in report.plan.layers) / report.before.macs
+    assert planned == pytest.approx(0.564, abs=0.01) if groups else 0.56 < planned < 0.6
     # folding a Gather into its producer drops the filters nobody reads (fewer MACs still); it
     # declines where the producer would grow (G * n > Co, e.g. G = 4 here)
     assert report.after.macs <= report.before.macs - planned
