@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fixtures import GraphBuilder, TOPOLOGIES
+from fixtures import GraphBuilder, TOPOLOGIES, residual
 
 from gkp_onnx.graph_stats import ensure_node_names, input_specs
 from gkp_onnx.passes.analyze import Analyze, kept_per_group
@@ -78,8 +78,6 @@ def test_channel_multiple_rounds_kept_channels_for_nchwc_kernels():
 
 
 def test_where_the_gathers_can_go_is_recorded_per_layer():
-    from fixtures import residual
-
     layers = analyze(residual()).layers  # conv1 -> a (shared: conv2 and the Add); conv2 -> conv3 -> Add
     assert [(layer.input_folds, layer.output_sinks) for layer in layers] == [(False, False), (False, True),
                                                                             (True, False)]
