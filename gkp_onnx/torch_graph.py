@@ -4,6 +4,10 @@
 become torch tensors, the trainable ones `nn.Parameter`s. Nothing is restructured: a GKP model
 keeps its channel Gathers and grouped Convs, so training it cannot undo the compression, and
 `write_back` puts the trained values into the initializers of a copy of the same graph.
+Only the arithmetic may differ: a channel Gather feeding a grouped Conv runs as one dense Conv
+whose weight is scattered from the grouped one each step (`_gather_conv`). The function, the
+parameters and their gradients are those of the grouped form; torch's CPU grouped Conv is
+several times slower than the dense Conv it replaces.
 
 Why not onnx2torch: it imports torchvision unconditionally, and its package metadata resolves
 to a CUDA torch build (pip replaced the pinned torch 2.13.0+cpu with a CUDA 2.15 and 3 GB of
@@ -59,7 +63,8 @@ class TorchGraph(nn.Module):
 
     def __init__(self, model: onnx.ModelProto, trainable: dict[str, bool] | None = None):
         super().__init__()
-        unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS} - {"Constant"})
+        unsupported = sorted({n.op_type for n in model.graph.node
+                              if n.op_type not in OPS or n.op_type == "GatherConv"} - {"Constant"})
         if unsupported:
             raise GkpError(f"cannot run the model in torch: unsupported operator(s) {', '.join(unsupported)}")
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -90,6 +95,28 @@ class TorchGraph(nn.Module):
         initializer_names = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in initializer_names]
         self.output_names = [o.name for o in model.graph.output]
+        self._fuse_gather_convs()
+
+    def _fuse_gather_convs(self) -> None:
+        """Gather(axis 1, constant indices) read only by a grouped Conv -> one `GatherConv` node."""
+        readers: dict[str, int] = {}
+        for _, ins, _, _, _ in self.nodes:
+            for name in ins:
+                readers[name] = readers.get(name, 0) + 1
+        producers = {outs[0]: i for i, (op, _, outs, attrs, _) in enumerate(self.nodes)
+                     if op == "Gather" and attrs.get("axis", 0) == 1}
+        fused, dropped = [], set()
+        for op, ins, outs, attrs, name in self.nodes:
+            gather = producers.get(ins[0]) if op == "Conv" and attrs.get("group", 1) > 1 else None
+            if gather is not None:
+                _, (x, indices), (gathered,), _, _ = self.nodes[gather]
+                if (indices in self._constants and getattr(self, self._constants[indices]).dim() == 1
+                        and readers[gathered] == 1 and gathered not in self.output_names):
+                    dropped.add(gather)
+                    fused.append(("GatherConv", [x, indices, *ins[1:]], outs, attrs, name))
+                    continue
+            fused.append((op, ins, outs, attrs, name))
+        self.nodes = [node for i, node in enumerate(fused) if i not in dropped]
 
     def _add_constant(self, name: str, array: np.ndarray) -> None:
         key = f"c{len(self._constants)}"
@@ -193,6 +220,21 @@ def _conv(g, attrs, x, w, b=None):
         x = x.contiguous(memory_format=torch.channels_last)
         w = w.contiguous(memory_format=torch.channels_last)
     return conv(x, w, b, strides, padding, dilations, attrs.get("group", 1))
+
+
+def _gather_conv(g, attrs, x, indices, w, b=None):
+    """Conv(Gather(x, indices, axis=1), w, group=G) as a dense Conv on x: output channel o of group
+    k reads input channels indices[k*n:(k+1)*n], so its kept kernels are scattered (summed where an
+    index repeats) into row o of a dense weight that is zero elsewhere."""
+    groups = attrs.get("group", 1)
+    co, n = w.shape[:2]
+    idx = indices.long()
+    idx = torch.where(idx < 0, idx + x.shape[1], idx)
+    rows = torch.arange(co, device=w.device).repeat_interleave(n)
+    cols = idx.reshape(groups, n)[rows // (co // groups), torch.arange(n, device=w.device).repeat(co)]
+    dense = w.new_zeros((co, x.shape[1], *w.shape[2:]))
+    dense = dense.index_put((rows, cols), w.reshape(co * n, *w.shape[2:]), accumulate=True)
+    return _conv(g, {**attrs, "group": 1}, x, dense, b)
 
 
 def _pool(kind):
@@ -412,6 +454,7 @@ OPS = {
     "Equal": lambda g, a, x, y: torch.eq(x, y),
     "Where": lambda g, a, c, x, y: torch.where(c, x, y),
     "Conv": _conv,
+    "GatherConv": _gather_conv,
     "Gemm": _gemm,
     "MatMul": lambda g, a, x, y: torch.matmul(x, y),
     "BatchNormalization": _batch_norm,

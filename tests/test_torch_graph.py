@@ -156,3 +156,27 @@ def test_unsupported_operator_is_one_line_error():
     model, _ = single_op("Resize", {"x": X}, {"r": np.array([], np.float32), "s": np.array([1, 1, 2, 2], np.float32)})
     with pytest.raises(GkpError, match="unsupported operator.*Resize"):
         TorchGraph(model)
+
+
+def test_gather_into_grouped_conv_runs_as_one_dense_conv_with_the_grouped_gradients():
+    # group 0 reads channel 1 twice and channel -1 (= 3); group 1 reads channels 0 and 2 (and 2 again)
+    indices = np.array([1, -1, 1, 0, 2, 2], np.int64)
+    weight = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["g"], axis=1),
+             helper.make_node("Conv", ["g", "w"], ["y"], group=2, pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "gather_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(indices, "idx"), numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    module = TorchGraph(model)
+    assert [node[0] for node in module.nodes] == ["GatherConv"]
+    assert_same_as_onnxruntime(model, {"x": x})
+
+    (param,) = [p for _, p in module.named_weights()]
+    module(x=torch.from_numpy(x))[0].square().sum().backward()
+    reference = torch.from_numpy(weight).requires_grad_()
+    torch.nn.functional.conv2d(torch.from_numpy(x)[:, torch.from_numpy(indices % 4)], reference,
+                               padding=1, groups=2).square().sum().backward()
+    np.testing.assert_allclose(param.grad.numpy(), reference.grad.numpy(), rtol=1e-4, atol=1e-4)
