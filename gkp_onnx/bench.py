@@ -61,19 +61,19 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
           seed: int = 0) -> list[Timing]:
     loaded = [load_model(m) if not isinstance(m, onnx.ModelProto) else m for m in models]
     names = names or [str(m) if not isinstance(m, onnx.ModelProto) else f"model{i}" for i, m in enumerate(models)]
-    specs = input_specs(loaded[0], input_shapes)
+    specs = [input_specs(m, input_shapes) for m in loaded]  # alike, but for a layer's micro-models
     results = []
     for provider_name in providers:
         provider = [provider_spec(provider_name)]
         sessions = [make_session(m, provider, threads, spinning=False) for m in loaded]
         for batch in batches:
-            feed = random_dataset(specs, seed, batch=batch).inputs
-            for session in sessions:
+            feeds = [random_dataset(s, seed, batch=batch).inputs for s in specs]
+            for session, feed in zip(sessions, feeds):
                 for _ in range(warmup):
                     session.run(None, feed)
             times = np.zeros((len(sessions), repeats))
             for r in range(repeats):
-                for i, session in enumerate(sessions):
+                for i, (session, feed) in enumerate(zip(sessions, feeds)):
                     start = time.perf_counter()
                     session.run(None, feed)
                     times[i, r] = time.perf_counter() - start

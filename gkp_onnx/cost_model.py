@@ -1,11 +1,15 @@
 """A measured cost model for the group-count choice: onnxruntime micro-benchmarks, cached on disk.
 
 For a layer (its Conv geometry: channels, kernel, input size, strides, pads, dilations), a kept
-width n and a group count G, two one-node models are timed side by side with `bench.bench`
-(interleaved, medians): the dense Conv, and the GKP form, a channel Gather of G * n channels
-feeding a grouped Conv. The ratio of the medians is the layer's relative time T(G) that
-choose_groups trades against retained importance. The Gather is always timed, although
-fold_gathers often removes it (at G = 1 it usually does): the estimate errs on the slow side.
+width n and a group count G, two small models are timed side by side with `bench.bench`
+(interleaved, medians): the dense Conv, and the GKP form as fold_gathers will leave it, the
+grouped Conv with the Gathers analyze says cannot go (the same rule the analytic model charges):
+a channel Gather of G * n channels in front unless the producer computes them itself
+(`layer.input_folds` and G * n <= Ci; then the Conv reads G * n channels), and an output
+permutation behind when G > 1 unless the readers absorb it (`layer.output_sinks`). The ratio of
+the medians is the layer's relative time T(G) that choose_groups trades against retained
+importance. Each model is timed alone, so onnxruntime's NCHWc reorders land at its edges in
+both: the cost a Gather adds inside a model of NCHWc Convs is under-counted.
 
 Results are cached in a JSON file per machine (CPU model, core count, onnxruntime version,
 provider, threads) under $GKP_ONNX_CACHE or ~/.cache/gkp-onnx, so a second run on the same
@@ -28,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from gkp_onnx.bench import bench
 from gkp_onnx.cache import cache_dir, write_atomic
-from gkp_onnx.passes.choose_groups import AnalyticCpuCost
+from gkp_onnx.passes.choose_groups import AnalyticCpuCost, gathers_left
 from gkp_onnx.plan import LayerPlan
 
 def machine_tag(provider: str, threads: int | None) -> str:
@@ -42,14 +46,15 @@ def machine_tag(provider: str, threads: int | None) -> str:
 
 
 def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The layer's dense Conv and its GKP form (Gather + grouped Conv) as one-node models."""
+    """The layer's dense Conv and its GKP form (grouped Conv and the Gathers left) as small models."""
     rng = np.random.default_rng(seed)
     co, ci, n = layer.out_channels, layer.in_channels, layer.kept_per_group
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, ci, *layer.input_size])
+    gather_in, permute_out = gathers_left(layer, group_count)
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, co, None, None])
     attrs = dict(layer.conv_attrs, kernel_shape=list(layer.kernel_shape))
 
-    def model(nodes, inits):
+    def model(nodes, inits, channels=ci):
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, channels, *layer.input_size])
         graph = helper.make_graph(nodes, "layer", [x], [y], inits)
         built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         built.ir_version = 8
@@ -60,12 +65,17 @@ def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) 
 
     dense = model([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)],
                   [weight("w", [co, ci, *layer.kernel_shape]), weight("b", [co])])
-    index = np.concatenate([np.sort(rng.choice(ci, n, replace=False)) for _ in range(group_count)]).astype(np.int64)
-    pruned = model([helper.make_node("Gather", ["x", "index"], ["gathered"], axis=1),
-                    helper.make_node("Conv", ["gathered", "w", "b"], ["y"], group=group_count, **attrs)],
-                   [numpy_helper.from_array(index, "index"), weight("w", [co, n, *layer.kernel_shape]),
-                    weight("b", [co])])
-    return dense, pruned
+    nodes = [helper.make_node("Conv", ["gathered" if gather_in else "x", "w", "b"],
+                              ["conv" if permute_out else "y"], group=group_count, **attrs)]
+    inits = [weight("w", [co, n, *layer.kernel_shape]), weight("b", [co])]
+    if gather_in:
+        index = np.concatenate([np.sort(rng.choice(ci, n, replace=False)) for _ in range(group_count)])
+        nodes.insert(0, helper.make_node("Gather", ["x", "index"], ["gathered"], axis=1))
+        inits.append(numpy_helper.from_array(index.astype(np.int64), "index"))
+    if permute_out:
+        nodes.append(helper.make_node("Gather", ["conv", "permutation"], ["y"], axis=1))
+        inits.append(numpy_helper.from_array(rng.permutation(co).astype(np.int64), "permutation"))
+    return dense, model(nodes, inits, ci if gather_in else group_count * n)
 
 
 class MeasuredCost:
@@ -89,7 +99,8 @@ class MeasuredCost:
 
     def key(self, layer: LayerPlan, group_count: int) -> str:
         return json.dumps([layer.in_channels, layer.out_channels, layer.kernel_shape, layer.input_size,
-                           layer.conv_attrs, layer.kept_per_group, group_count, self.batch], sort_keys=True)
+                           layer.conv_attrs, layer.kept_per_group, group_count, self.batch,
+                           gathers_left(layer, group_count)], sort_keys=True)
 
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
         if not layer.input_size:

@@ -48,6 +48,12 @@ class CostModel(Protocol):
         """Estimated latency of the layer pruned with `group_count` groups / the dense layer."""
 
 
+def gathers_left(layer: LayerPlan, group_count: int) -> tuple[bool, bool]:
+    """(input Gather, output permutation) that fold_gathers leaves in front of / behind the layer."""
+    return (not (layer.input_folds and group_count * layer.kept_per_group <= layer.in_channels),
+            group_count > 1 and not layer.output_sinks)
+
+
 class AnalyticCpuCost:
     """Gather + grouped Conv latency on onnxruntime CPU, relative to the dense Conv.
 
@@ -83,10 +89,11 @@ class AnalyticCpuCost:
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
         ci, co, n = layer.in_channels, layer.out_channels, layer.kept_per_group
         compute = n / ci if group_count == 1 else n / ci / self.efficiency(co / group_count)
+        gather_in, permute_out = gathers_left(layer, group_count)
         moved = 0.0
-        if not (layer.input_folds and group_count * n <= ci):
+        if gather_in:
             moved += (ci + 2 * group_count * n) * int(np.prod(layer.conv_attrs.get("strides", [1])))
-        if group_count > 1 and not layer.output_sinks:
+        if permute_out:
             moved += 3 * co
         return compute + self.move_cost * moved / (ci * co * int(np.prod(layer.kernel_shape)))
 
