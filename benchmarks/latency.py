@@ -8,13 +8,13 @@ filter pruning built from the same passes, timed interleaved with the dense mode
 warm-up, then A B C A B C ..., medians). Columns: MAC ratio, ideal speed-up (1 / MAC ratio),
 measured speed-up, measured / ideal, Gathers left, and for the CIFAR models the one-shot top-1 on
 the 500 carried exact-pixel test images (no recovery). ResNet-56/20 use the real pretrained
-weights; ResNet-50 (ImageNet shape) random weights. Writes benchmarks/results/latency.json and .md.
+weights; ResNet-50 (ImageNet shape) random weights. Writes benchmarks/results/latency.json and .md
+(--out names them), keeping earlier rows of the same settings that this run did not measure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,8 @@ from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
 from gkp_onnx.models.export import build, export
 from gkp_onnx.validate import Dataset, make_session, run_model
 
-RESULTS = Path(__file__).parent / "results"
+from cifar10 import RESULTS, save_rows
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-resnet-akamaster"
 BATCHES = {"resnet56": (1, 64), "resnet20": (1, 64), "resnet50": (1, 8)}
 
@@ -104,10 +105,9 @@ def main() -> None:
                     top1 = f"  top-1 {100 * row['top1']:.1f}%" if "top1" in row else ""
                     print(f"{name:<9} p={ratio:<6} {label:<9} MACs x{mac_ratio:.3f} (ideal {1 / mac_ratio:.2f}x)  "
                           f"{speed}  gathers {row['gathers']}{top1}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(
-        {"provider": describe_provider("cpu", args.threads), "repeats": args.repeats,
-         "channel_multiple": args.channel_multiple, "cost_model": args.cost_model, "rows": rows}, indent=1))
+    rows = save_rows(args.out, rows, lambda r: (r["model"], r["ratio"], r["variant"]),
+                     provider=describe_provider("cpu", args.threads), repeats=args.repeats,
+                     channel_multiple=args.channel_multiple, cost_model=args.cost_model)
     (RESULTS / f"{args.out}.md").write_text(markdown(rows, args))
 
 
