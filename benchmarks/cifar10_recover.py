@@ -1,6 +1,6 @@
 """CIFAR-10 recovery: distillation fine-tuning after reconstruction, against a dense control.
 
-    python benchmarks/cifar10_recover.py [--models resnet56] [--variants gkp-auto,gkp-G8,l1-filter,dense]
+    python benchmarks/cifar10_recover.py [--models resnet56] [--variants gkp-auto,gkp-G8,l1-filter,dense] (also gkp-G16)
         [--epochs 1,3,10] [--fraction 0.1] [--low-resource 0.01,0.1,1.0] [--low-resource-epochs 1] [--lr 1e-4]
 
 Real pretrained ResNets and the CIFAR-10 training set (JPEG copy, read as an image folder) from
@@ -91,8 +91,8 @@ def main() -> None:
             starts = {
                 "gkp-auto": lambda: optimize(dense, ratio=args.ratio, validate=False, calib=str(calib_path),
                                              reconstruct=True)[0],
-                "gkp-G8": lambda: optimize(dense, ratio=args.ratio, groups=8, validate=False,
-                                           calib=str(calib_path), reconstruct=True)[0],
+                **{f"gkp-G{g}": lambda g=g: optimize(dense, ratio=args.ratio, groups=g, validate=False,
+                                                     calib=str(calib_path), reconstruct=True)[0] for g in (8, 16)},
                 "l1-filter": lambda: l1_filter(dense, args.ratio, calib),
                 "dense": lambda: dense,
             }

@@ -8,8 +8,9 @@ a channel Gather of G * n channels in front unless the producer computes them it
 (`layer.input_folds` and G * n <= Ci; then the Conv reads G * n channels), and an output
 permutation behind when G > 1 unless the readers absorb it (`layer.output_sinks`). The ratio of
 the medians is the layer's relative time T(G) that choose_groups trades against retained
-importance. Each model is timed alone, so onnxruntime's NCHWc reorders land at its edges in
-both: the cost a Gather adds inside a model of NCHWc Convs is under-counted.
+importance. Both forms sit between depthwise 1x1 Convs, so that their input and output live in
+onnxruntime's NCHWc layout as inside a CNN and a Gather pays for the reorders around it; those
+two cheap Convs are in both timings, which pulls T slightly towards 1.
 
 Results are cached in a JSON file per machine (CPU model, core count, onnxruntime version,
 provider, threads) under $GKP_ONNX_CACHE or ~/.cache/gkp-onnx, so a second run on the same
@@ -46,36 +47,44 @@ def machine_tag(provider: str, threads: int | None) -> str:
 
 
 def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The layer's dense Conv and its GKP form (grouped Conv and the Gathers left) as small models."""
+    """The layer's dense Conv and its GKP form (the grouped Conv and the Gathers left), each between
+    depthwise 1x1 Convs: in a CNN a layer reads and writes tensors that other Convs produce and
+    read, which onnxruntime keeps in its NCHWc layout, so a Gather pays here, as in the model, for
+    the reorders around it."""
     rng = np.random.default_rng(seed)
     co, ci, n = layer.out_channels, layer.in_channels, layer.kept_per_group
     gather_in, permute_out = gathers_left(layer, group_count)
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, co, None, None])
     attrs = dict(layer.conv_attrs, kernel_shape=list(layer.kernel_shape))
 
-    def model(nodes, inits, channels=ci):
+    def array(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.1
+
+    def chain(channels: int, steps: list[tuple[str, list[np.ndarray], dict]]) -> onnx.ModelProto:
+        """x [batch, channels, *input_size] -> depthwise -> steps (op, constants, attributes) -> depthwise -> y."""
+        steps = [("Conv", [array(channels, 1, 1, 1)], {"group": channels, "kernel_shape": [1, 1]}), *steps,
+                 ("Conv", [array(co, 1, 1, 1)], {"group": co, "kernel_shape": [1, 1]})]
+        nodes, inits, current = [], [], "x"
+        for i, (op, constants, step_attrs) in enumerate(steps):
+            names = [f"c{i}_{j}" for j in range(len(constants))]
+            inits += [numpy_helper.from_array(c, name) for c, name in zip(constants, names)]
+            output = "y" if i == len(steps) - 1 else f"t{i}"
+            nodes.append(helper.make_node(op, [current, *names], [output], **step_attrs))
+            current = output
         x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, channels, *layer.input_size])
-        graph = helper.make_graph(nodes, "layer", [x], [y], inits)
-        built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, co, None, None])
+        built = helper.make_model(helper.make_graph(nodes, "layer", [x], [y], inits),
+                                  opset_imports=[helper.make_opsetid("", 17)])
         built.ir_version = 8
         return built
 
-    def weight(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.1, name)
-
-    dense = model([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)],
-                  [weight("w", [co, ci, *layer.kernel_shape]), weight("b", [co])])
-    nodes = [helper.make_node("Conv", ["gathered" if gather_in else "x", "w", "b"],
-                              ["conv" if permute_out else "y"], group=group_count, **attrs)]
-    inits = [weight("w", [co, n, *layer.kernel_shape]), weight("b", [co])]
+    dense = chain(ci, [("Conv", [array(co, ci, *layer.kernel_shape), array(co)], attrs)])
+    steps = [("Conv", [array(co, n, *layer.kernel_shape), array(co)], {**attrs, "group": group_count})]
     if gather_in:
         index = np.concatenate([np.sort(rng.choice(ci, n, replace=False)) for _ in range(group_count)])
-        nodes.insert(0, helper.make_node("Gather", ["x", "index"], ["gathered"], axis=1))
-        inits.append(numpy_helper.from_array(index.astype(np.int64), "index"))
+        steps.insert(0, ("Gather", [index.astype(np.int64)], {"axis": 1}))
     if permute_out:
-        nodes.append(helper.make_node("Gather", ["conv", "permutation"], ["y"], axis=1))
-        inits.append(numpy_helper.from_array(rng.permutation(co).astype(np.int64), "permutation"))
-    return dense, model(nodes, inits, ci if gather_in else group_count * n)
+        steps.append(("Gather", [rng.permutation(co).astype(np.int64)], {"axis": 1}))
+    return dense, chain(ci if gather_in else group_count * n, steps)
 
 
 class MeasuredCost:

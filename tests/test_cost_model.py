@@ -24,16 +24,16 @@ def test_layer_models_are_valid_and_agree_in_shape():
         onnx.checker.check_model(model, full_check=True)
     feed = random_feed(dense)
     assert run(dense, feed)[0].shape == run(pruned, feed)[0].shape == (2, 16, 4, 4)
-    assert [n.op_type for n in pruned.graph.node] == ["Gather", "Conv", "Gather"]
+    assert [n.op_type for n in pruned.graph.node] == ["Conv", "Gather", "Conv", "Gather", "Conv"]
 
 
 def test_layer_models_keep_only_the_gathers_fold_gathers_leaves(tmp_path):
     folds = LayerPlan(**{**LAYER.__dict__, "input_folds": True, "output_sinks": True})
     _, pruned = layer_models(folds, 2, batch=2)  # G * n = 16 <= Ci: the producer computes them
-    assert [n.op_type for n in pruned.graph.node] == ["Conv"]
+    assert [n.op_type for n in pruned.graph.node] == ["Conv", "Conv", "Conv"]
     assert run(pruned, random_feed(pruned))[0].shape == (2, 16, 4, 4)
     _, wide = layer_models(folds, 4, batch=2)  # G * n = 32 > Ci: the input Gather stays
-    assert [n.op_type for n in wide.graph.node] == ["Gather", "Conv"]
+    assert [n.op_type for n in wide.graph.node] == ["Conv", "Gather", "Conv", "Conv"]
     measured = MeasuredCost(cache=tmp_path)
     assert measured.key(folds, 2) != measured.key(LAYER, 2)
 
