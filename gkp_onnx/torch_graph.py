@@ -4,10 +4,10 @@
 become torch tensors, the trainable ones `nn.Parameter`s. Nothing is restructured: a GKP model
 keeps its channel Gathers and grouped Convs, so training it cannot undo the compression, and
 `write_back` puts the trained values into the initializers of a copy of the same graph.
-Only the arithmetic may differ: a channel Gather feeding a grouped Conv runs as one dense Conv
-whose weight is scattered from the grouped one each step (`_gather_conv`). The function, the
-parameters and their gradients are those of the grouped form; torch's CPU grouped Conv is
-several times slower than the dense Conv it replaces.
+Only the arithmetic may differ: a channel Gather feeding a narrow grouped Conv runs as one dense
+Conv whose weight is scattered from the grouped one each step (`_gather_conv`). The function, the
+parameters and their gradients are those of the grouped form; torch's CPU grouped Conv with few
+filters per group is several times slower than the dense Conv that replaces it.
 
 Why not onnx2torch: it imports torchvision unconditionally, and its package metadata resolves
 to a CUDA torch build (pip replaced the pinned torch 2.13.0+cpu with a CUDA 2.15 and 3 GB of
@@ -225,9 +225,13 @@ def _conv(g, attrs, x, w, b=None):
 def _gather_conv(g, attrs, x, indices, w, b=None):
     """Conv(Gather(x, indices, axis=1), w, group=G) as a dense Conv on x: output channel o of group
     k reads input channels indices[k*n:(k+1)*n], so its kept kernels are scattered (summed where an
-    index repeats) into row o of a dense weight that is zero elsewhere."""
+    index repeats) into row o of a dense weight that is zero elsewhere. The dense Conv does Ci / n
+    times the multiply-adds; it is faster (forward + backward, torch CPU, measured) only where
+    that is at most 2 and groups have at most 16 filters, elsewhere the grouped form runs."""
     groups = attrs.get("group", 1)
     co, n = w.shape[:2]
+    if x.shape[1] > 2 * n or co // groups > 16:
+        return _conv(g, attrs, _gather(g, {"axis": 1}, x, indices), w, b)
     idx = indices.long()
     idx = torch.where(idx < 0, idx + x.shape[1], idx)
     rows = torch.arange(co, device=w.device).repeat_interleave(n)

@@ -180,3 +180,10 @@ def test_gather_into_grouped_conv_runs_as_one_dense_conv_with_the_grouped_gradie
     torch.nn.functional.conv2d(torch.from_numpy(x)[:, torch.from_numpy(indices % 4)], reference,
                                padding=1, groups=2).square().sum().backward()
     np.testing.assert_allclose(param.grad.numpy(), reference.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_wide_gather_conv_runs_grouped_and_computes_the_same():
+    # 16 input channels, 2 kept per group: a dense Conv would do 8x the work, so the grouped form runs
+    model, _ = optimize(TOPOLOGIES["chain"](), ratio=0.875, groups=2, min_group_width=1, fold=False, validate=False)
+    assert any(node[0] == "GatherConv" for node in TorchGraph(model).nodes)
+    assert_same_as_onnxruntime(model)
