@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4375)
     parser.add_argument("--variants", default="gkp-auto,gkp-G8,l1-filter,gkp-auto=L1-MACs")
     args = parser.parse_args()
+    methods = args.variants.split(",")
     evaluation = test_sets()
     unlabeled = evaluation["jpeg10k"].inputs["input"]  # reconstruction images: JPEG test images 932..
     rows = []
@@ -102,7 +103,7 @@ def main() -> None:
                          **{k: top1(dense, d) for k, d in evaluation.items()}})
             print(rows[-1], flush=True)
             equal_macs_ratio = None
-            if "gkp-auto=L1-MACs" in args.variants.split(","):
+            if "gkp-auto=L1-MACs" in methods:
                 l1_macs = model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
                 equal_macs_ratio = ratio_for_macs(dense, l1_macs)
             for images in [0] + [int(i) for i in args.images.split(",")]:
@@ -121,7 +122,7 @@ def main() -> None:
                     "l1-filter": (args.ratio, lambda: l1_filter(dense, args.ratio, calib)),
                     "gkp-auto=L1-MACs": (equal_macs_ratio, gkp(equal_macs_ratio)),
                 }
-                for method in args.variants.split(","):
+                for method in methods:
                     ratio, build = variants[method]
                     start = time.perf_counter()
                     model = build()

@@ -1,6 +1,7 @@
 """CIFAR-10 recovery: distillation fine-tuning after reconstruction, against a dense control.
 
-    python benchmarks/cifar10_recover.py [--models resnet56] [--variants gkp-auto,gkp-G8,l1-filter,dense] (also gkp-G16)
+    python benchmarks/cifar10_recover.py [--models resnet56]
+        [--variants gkp-auto,gkp-G8,l1-filter,dense] (also gkp-G16)
         [--epochs 1,3,10] [--fraction 0.1] [--low-resource 0.01,0.1,1.0] [--low-resource-epochs 1] [--lr 1e-4]
 
 Real pretrained ResNets and the CIFAR-10 training set (JPEG copy, read as an image folder) from

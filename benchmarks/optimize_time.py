@@ -53,8 +53,8 @@ def main() -> None:
                              "cold_s": times[0], "warm_median_s": statistics.median(times[1:]), "times_s": times,
                              "mac_ratio": report.after.macs / report.before.macs})
                 r = rows[-1]
-                print(f"{name:<9} G={r['groups']:<5} {args.cost_model:<8} {r['layers']:>3} layers  cold {r['cold_s']:6.2f}s  warm median "
-                      f"{r['warm_median_s']:6.2f}s (runs {', '.join(f'{t:.2f}' for t in times)})  "
+                print(f"{name:<9} G={r['groups']:<5} {args.cost_model:<8} {r['layers']:>3} layers  "
+                      f"cold {r['cold_s']:6.2f}s  warm median {r['warm_median_s']:6.2f}s (runs {', '.join(f'{t:.2f}' for t in times)})  "
                       f"MACs x{r['mac_ratio']:.3f}", flush=True)
     save_rows("optimize_time", rows, lambda r: (r["model"], r["groups"], r.get("cost_model", "analytic")),
               ratio=args.ratio)

@@ -60,7 +60,8 @@ def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) 
         return rng.standard_normal(shape).astype(np.float32) * 0.1
 
     def chain(channels: int, steps: list[tuple[str, list[np.ndarray], dict]]) -> onnx.ModelProto:
-        """x [batch, channels, *input_size] -> depthwise -> steps (op, constants, attributes) -> depthwise -> y."""
+        """x [batch, channels, *input_size] -> depthwise -> steps -> depthwise -> y;
+        a step is (op, constant inputs after the tensor, attributes)."""
         steps = [("Conv", [array(channels, 1, 1, 1)], {"group": channels, "kernel_shape": [1, 1]}), *steps,
                  ("Conv", [array(co, 1, 1, 1)], {"group": co, "kernel_shape": [1, 1]})]
         nodes, inits, current = [], [], "x"

@@ -95,8 +95,10 @@ class Analyze(Pass):
                 kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple),
                 input_size=input_shape[2:] if input_shape else None,
                 conv_attrs=_geometry(node),
-                input_folds=walk_to_producer(node.input[0], producers, readers, outputs, initializers)[0] is not None,
-                output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs, initializers)[1] is not None))
+                input_folds=walk_to_producer(node.input[0], producers, readers, outputs,
+                                             initializers)[0] is not None,
+                output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs,
+                                              initializers)[1] is not None))
         return PassResult(model, plan, modified=False)
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:

@@ -94,7 +94,8 @@ def test_max_retained_importance_bounds_every_grouping():
 
 
 def test_unfoldable_gathers_are_charged_and_a_1x1_conv_on_a_residual_stream_stays_dense():
-    shape = dict(node="c", weight="w", out_channels=64, in_channels=256, kernel_shape=[1, 1], macs=1, kept_per_group=128)
+    shape = dict(node="c", weight="w", out_channels=64, in_channels=256, kernel_shape=[1, 1], macs=1,
+                 kept_per_group=128)
     cost = AnalyticCpuCost()
     inner = LayerPlan(**shape, input_folds=True, output_sinks=True)
     stream = LayerPlan(**shape)

@@ -165,7 +165,8 @@ def test_gather_into_grouped_conv_runs_as_one_dense_conv_with_the_grouped_gradie
     x = np.random.default_rng(2).standard_normal((2, 4, 5, 5)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["x", "idx"], ["g"], axis=1),
              helper.make_node("Conv", ["g", "w"], ["y"], group=2, pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
-    graph = helper.make_graph(nodes, "gather_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+    graph = helper.make_graph(nodes, "gather_conv",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(indices, "idx"), numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
