@@ -1,12 +1,13 @@
 """Latency of GKP-optimized models vs dense and vs classic L1 filter pruning (onnxruntime CPU).
 
-    python benchmarks/latency.py [--threads 2] [--repeats 20] [--ratios 0.25,0.4375,0.5,0.75]
+    python benchmarks/latency.py [--threads 2] [--repeats 20] [--min-time 2] [--ratios 0.25,0.4375,0.5,0.75]
                                  [--models resnet56,resnet20,resnet50] [--cost-model analytic|measured]
 
 Per model and ratio: GKP with the default pipeline (auto group count, Gathers folded) and L1
 filter pruning built from the same passes, timed interleaved with the dense model (bench.py:
-warm-up, then A B C A B C ..., medians). Columns: MAC ratio, ideal speed-up (1 / MAC ratio),
-measured speed-up, measured / ideal, Gathers left, and for the CIFAR models the one-shot top-1 on
+warm-up, then A B C A B C ..., medians; at least --repeats rounds, more until they last --min-time
+seconds: a 1 ms model needs thousands of calls for a median the machine's noise does not move).
+Columns: MAC ratio, ideal speed-up (1 / MAC ratio), measured speed-up, measured / ideal, Gathers left, and for the CIFAR models the one-shot top-1 on
 the 500 carried exact-pixel test images (no recovery). ResNet-56/20 use the real pretrained
 weights; ResNet-50 (ImageNet shape) random weights. Writes benchmarks/results/latency.json and .md
 (--out names them), keeping earlier rows of the same settings that this run did not measure.
@@ -56,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed rounds per batch, at least")
     parser.add_argument("--ratios", default="0.25,0.4375,0.5,0.75")
     parser.add_argument("--models", default="resnet56,resnet20,resnet50")
     parser.add_argument("--channel-multiple", type=int, default=1,
@@ -86,7 +88,7 @@ def main() -> None:
                 l1, _ = l1_filter_pruning(dense, ratio, channel_multiple=args.channel_multiple)
                 variants = {"gkp": gkp, "l1-filter": l1}
                 timings = bench([dense, gkp, l1], names=["dense", "gkp", "l1-filter"], batches=BATCHES[name],
-                                threads=args.threads, repeats=args.repeats)
+                                threads=args.threads, repeats=args.repeats, min_time_s=args.min_time)
                 for label, model in variants.items():
                     mac_ratio = model_stats(model, specs).macs / dense_macs
                     row = {"model": name, "ratio": ratio, "variant": label, "mac_ratio": mac_ratio,
@@ -97,7 +99,8 @@ def main() -> None:
                            "groups": sorted({layer.group_count for layer in report.plan.layers}) if label == "gkp" else [1],
                            "speedup": {t.batch: t.speedup for t in timings if t.model == label},
                            "median_ms": {t.batch: t.median_ms for t in timings if t.model == label},
-                           "dense_ms": {t.batch: t.median_ms for t in timings if t.model == "dense"}}
+                           "dense_ms": {t.batch: t.median_ms for t in timings if t.model == "dense"},
+                           "rounds": {t.batch: t.rounds for t in timings if t.model == label}}
                     if name.startswith("resnet") and name != "resnet50":
                         row["top1_dense"], row["top1"] = accuracy(dense, cifar), accuracy(model, cifar)
                     rows.append(row)
@@ -113,7 +116,8 @@ def main() -> None:
 
 def markdown(rows: list[dict], args) -> str:
     lines = ["# Latency: GKP vs dense vs L1 filter pruning (onnxruntime CPU)", "",
-             f"{describe_provider('cpu', args.threads)}, {args.repeats} interleaved repeats, medians; "
+             f"{describe_provider('cpu', args.threads)}, interleaved rounds (at least {args.repeats} and "
+             f"{args.min_time:g} s per batch; rows measured before --min-time existed: 20 rounds), medians; "
              f"kept channels rounded to multiples of {args.channel_multiple}; GKP cost model: {args.cost_model}. "
              "Speed-up = dense median / variant median; 'of ideal' = speed-up x MAC ratio. "
              "Top-1: one-shot (no recovery) on the 500 carried exact-pixel CIFAR-10 test images.", "",

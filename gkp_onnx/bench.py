@@ -3,11 +3,15 @@
 All variants of one (provider, batch) are loaded together, warmed up, then timed interleaved
 (A B A B ...) so that machine noise hits them alike; the median and p90 of the per-call times
 are reported with the speed-up of each model over the first (median_first / median_model).
-Worker threads do not spin between runs: a spinning pool of one session would slow the next.
+The number of rounds is `repeats`, raised until the timed rounds take at least `min_time_s`
+(estimated from the warm-up): 30 calls of a 1 ms model last 30 ms, too short for a median to
+rise above the noise of a shared machine. Worker threads do not spin between runs: a spinning
+pool of one session would slow the next.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,6 +39,7 @@ class Timing:
     median_ms: float
     p90_ms: float
     speedup: float  # median of the first model / median of this one
+    rounds: int = 0  # timed calls the median and p90 come from
 
 
 def provider_spec(name: str) -> tuple[str, dict]:
@@ -58,7 +63,7 @@ def describe_provider(name: str, threads: int | None) -> str:
 
 def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, batches=(1,), providers=("cpu",),
           threads: int | None = None, input_shapes: dict | None = None, warmup: int = 5, repeats: int = 30,
-          seed: int = 0) -> list[Timing]:
+          seed: int = 0, min_time_s: float = 0.0) -> list[Timing]:
     loaded = [load_model(m) if not isinstance(m, onnx.ModelProto) else m for m in models]
     names = names or [str(m) if not isinstance(m, onnx.ModelProto) else f"model{i}" for i, m in enumerate(models)]
     specs = [input_specs(m, input_shapes) for m in loaded]  # alike, but for a layer's micro-models
@@ -68,11 +73,16 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
         sessions = [make_session(m, provider, threads, spinning=False) for m in loaded]
         for batch in batches:
             feeds = [random_dataset(s, seed, batch=batch).inputs for s in specs]
+            round_s = 0.0  # one interleaved round, from each model's last warm-up call
             for session, feed in zip(sessions, feeds):
-                for _ in range(warmup):
+                for _ in range(max(1, warmup)):
+                    start = time.perf_counter()
                     session.run(None, feed)
-            times = np.zeros((len(sessions), repeats))
-            for r in range(repeats):
+                    last = time.perf_counter() - start
+                round_s += last
+            rounds = max(repeats, math.ceil(min_time_s / round_s)) if round_s > 0 else repeats
+            times = np.zeros((len(sessions), rounds))
+            for r in range(rounds):
                 for i, (session, feed) in enumerate(zip(sessions, feeds)):
                     start = time.perf_counter()
                     session.run(None, feed)
@@ -80,7 +90,7 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
             medians = np.median(times, axis=1)
             for name, median, row in zip(names, medians, times):
                 results.append(Timing(name, provider_name, batch, 1e3 * median, 1e3 * np.percentile(row, 90),
-                                      float(medians[0] / median)))
+                                      float(medians[0] / median), rounds))
     return results
 
 
@@ -90,7 +100,7 @@ def format_timings(timings: list[Timing], threads: int | None = None) -> str:
     for t in timings:
         if (t.provider, t.batch) != key:
             key = (t.provider, t.batch)
-            lines += ["", f"{describe_provider(t.provider, threads)}; batch {t.batch}",
+            lines += ["", f"{describe_provider(t.provider, threads)}; batch {t.batch}; {t.rounds} interleaved rounds",
                       f"{'model':<{width}}  {'median ms':>10} {'p90 ms':>9} {'speed-up':>9}"]
         lines.append(f"{t.model:<{width}}  {t.median_ms:>10.3f} {t.p90_ms:>9.3f} {t.speedup:>8.2f}x")
     return "\n".join(lines).lstrip("\n")

@@ -125,7 +125,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     out = check_output_path(args.input, args.output)
     bench = dict(bench_batches=args.bench_batch, bench_providers=args.providers, bench_threads=args.threads,
-                 bench_repeats=args.bench_repeats) if args.bench else {}
+                 bench_repeats=args.bench_repeats, bench_min_time_s=args.bench_min_time) if args.bench else {}
     optimized, report = optimize(args.input, calib=args.calib, images=_images(args), plan=args.plan,
                                  reconstruct=args.reconstruct, **bench, **_options(args))
     save_model(optimized, out)
@@ -206,7 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gkp_onnx.bench import bench, format_timings, timings_to_dict
 
     timings = bench(args.models, batches=args.batch, providers=args.providers, threads=args.threads,
-                    input_shapes=dict(args.input_shape), warmup=args.warmup, repeats=args.repeats)
+                    input_shapes=dict(args.input_shape), warmup=args.warmup, repeats=args.repeats,
+                    min_time_s=args.min_time)
     print(format_timings(timings, args.threads))
     if args.json:
         with open(args.json, "w") as handle:
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--bench", action="store_true")
     group.add_argument("--bench-batch", type=_batches, default=[1], metavar="B1,B2,..")
     group.add_argument("--bench-repeats", type=int, default=30)
+    group.add_argument("--bench-min-time", type=float, default=1.0, metavar="S",
+                       help="more rounds until the timed ones last at least S seconds per batch (default 1)")
     group.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
     group.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
     p.set_defaults(func=cmd_optimize)
@@ -306,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime providers; cuda runs with cudnn_conv_algo_search=EXHAUSTIVE")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds, at least (default 30)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+                   help="more rounds until the timed ones last at least S seconds per batch (default 1)")
     p.add_argument("--json", metavar="OUT.json", help="also write the timings as JSON")
     _add_shapes(p)
     p.set_defaults(func=cmd_bench)

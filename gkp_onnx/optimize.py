@@ -66,6 +66,7 @@ class OptimizeOptions:
     bench_providers: list[str] = field(default_factory=lambda: ["cpu"])
     bench_threads: int | None = None
     bench_repeats: int = 30
+    bench_min_time_s: float = 1.0  # more rounds until the timed ones last this long per batch
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -169,7 +170,7 @@ def _never_slower(working, optimized, plan: Plan, opts: OptimizeOptions, data, p
     def measure(candidate):
         return bench([working, candidate], names=["input", "optimized"], batches=opts.bench_batches,
                      providers=opts.bench_providers, threads=opts.bench_threads,
-                     input_shapes=opts.input_shapes, repeats=opts.bench_repeats)
+                     input_shapes=opts.input_shapes, repeats=opts.bench_repeats, min_time_s=opts.bench_min_time_s)
 
     latency = measure(optimized)
     for _ in range(MAX_REVERT_ROUNDS):

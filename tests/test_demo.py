@@ -21,3 +21,10 @@ def test_demo_runs_on_the_carried_assets(tmp_path, capsys):
     assert len(report["layers"]) + len(kept_dense) == 54  # every Conv but the stem is considered
     assert len(report["layers"]) >= 50 and len(report["reconstruction"]) == len(report["layers"])
     assert (tmp_path / "resnet56.gkp.onnx").exists()
+    # latency is measured, not assumed: both models timed at batch 1 and 64, the speed-ups printed
+    latency = report["latency"]
+    assert [(t["model"], t["batch"]) for t in latency] == [("input", 1), ("optimized", 1), ("input", 64),
+                                                            ("optimized", 64)]
+    printed = re.search(r"measured speed-up over dense on this machine: ([\d.]+)x at batch 1, ([\d.]+)x at batch 64",
+                        out)
+    assert printed and float(printed[2]) == pytest.approx(latency[3]["speedup"], abs=6e-3)
