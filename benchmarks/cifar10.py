@@ -112,8 +112,9 @@ def main() -> None:
                     calib_path = Path(tmp) / f"calib{images}.npz"
                     np.savez(calib_path, x=unlabeled[932:932 + images])
                 calib = Dataset({"input": unlabeled[932:932 + images]}) if images else None
-                def gkp(ratio, groups=None):
+                def gkp(ratio, groups=None):  # a forced G is the prior art's uniform setting: no channel rounding
                     return lambda: optimize(dense, ratio=ratio, groups=groups, validate=False,
+                                            channel_multiple="auto" if groups is None else 1,
                                             calib=calib_path and str(calib_path), reconstruct=bool(images))[0]
                 variants = {  # method -> (ratio, build)
                     "gkp-auto": (args.ratio, gkp(args.ratio)),

@@ -26,6 +26,7 @@ import onnx
 from gkp_onnx import optimize
 from gkp_onnx.baselines import l1_filter_pruning
 from gkp_onnx.bench import bench, describe_provider
+from gkp_onnx.cost_model import nchwc_block_size
 from gkp_onnx.demo import IMAGES, WEIGHTS, asset
 from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
@@ -60,13 +61,14 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed rounds per batch, at least")
     parser.add_argument("--ratios", default="0.25,0.4375,0.5,0.75")
     parser.add_argument("--models", default="resnet56,resnet20,resnet50")
-    parser.add_argument("--channel-multiple", type=int, default=1,
-                        help="round kept channels to multiples of K, for GKP and L1 alike")
+    parser.add_argument("--channel-multiple", default="auto",
+                        help="GKP's channel rounding: auto (the NCHWc block, the default) or K; L1 stays uniform")
     parser.add_argument("--cost-model", default="analytic", choices=["analytic", "measured"],
                         help="GKP's group-count cost model (measured: timed on this machine, cached)")
     parser.add_argument("--out", default="latency", help="results file stem")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    multiple = args.channel_multiple if args.channel_multiple == "auto" else int(args.channel_multiple)
     images = np.load(asset(IMAGES))
     cifar = Dataset({"input": preprocess(images["x"])}, images["y"], "exact-pixel 500")
     rows = []
@@ -82,10 +84,10 @@ def main() -> None:
             dense_macs = model_stats(dense, specs).macs
             for ratio in ratios:
                 start = time.perf_counter()
-                gkp, report = optimize(dense, ratio=ratio, validate=False, channel_multiple=args.channel_multiple,
+                gkp, report = optimize(dense, ratio=ratio, validate=False, channel_multiple=multiple,
                                        cost_model=args.cost_model, bench_threads=args.threads)
                 optimize_s = time.perf_counter() - start
-                l1, _ = l1_filter_pruning(dense, ratio, channel_multiple=args.channel_multiple)
+                l1, _ = l1_filter_pruning(dense, ratio)
                 variants = {"gkp": gkp, "l1-filter": l1}
                 timings = bench([dense, gkp, l1], names=["dense", "gkp", "l1-filter"], batches=BATCHES[name],
                                 threads=args.threads, repeats=args.repeats, min_time_s=args.min_time)
@@ -118,7 +120,8 @@ def markdown(rows: list[dict], args) -> str:
     lines = ["# Latency: GKP vs dense vs L1 filter pruning (onnxruntime CPU)", "",
              f"{describe_provider('cpu', args.threads)}, interleaved rounds (at least {args.repeats} and "
              f"{args.min_time:g} s per batch; rows measured before --min-time existed: 20 rounds), medians; "
-             f"kept channels rounded to multiples of {args.channel_multiple}; GKP cost model: {args.cost_model}. "
+             f"GKP: --channel-multiple {args.channel_multiple} (NCHWc block here: {nchwc_block_size()}), cost model "
+             f"{args.cost_model}; L1: uniform ratio per layer. "
              "Speed-up = dense median / variant median; 'of ideal' = speed-up x MAC ratio. "
              "Top-1: one-shot (no recovery) on the 500 carried exact-pixel CIFAR-10 test images.", "",
              "| model | ratio | variant | G | MAC ratio | ideal | speed-up (batch) | of ideal | Gathers | top-1 |",

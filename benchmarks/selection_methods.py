@@ -43,6 +43,7 @@ def main() -> None:
                 for images in sorted({0, args.images}):
                     start = time.perf_counter()
                     model, _ = optimize(dense, ratio=args.ratio, groups=args.groups, method=method, validate=False,
+                                        channel_multiple=1,  # the prior art's uniform setting
                                         calib=str(calib) if images else None, reconstruct=bool(images))
                     rows.append({"model": name, "method": method, "images": images,
                                  "seconds": time.perf_counter() - start,

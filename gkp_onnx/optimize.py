@@ -17,6 +17,7 @@ import onnx
 
 from gkp_onnx.bench import bench
 from gkp_onnx.cache import cache_dir
+from gkp_onnx.cost_model import MeasuredCost, nchwc_block_size
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.model_io import check_model, load_model
@@ -26,7 +27,7 @@ from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 from gkp_onnx.report import Report
 from gkp_onnx.validate import RANDOM_BATCH, Dataset, Thresholds, channel_rms, compare, load_dataset, random_dataset
 from gkp_onnx.passes.analyze import Analyze
-from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, ChooseGroups, CostModel
+from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, AnalyticCpuCost, ChooseGroups, CostModel
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
@@ -49,7 +50,7 @@ class OptimizeOptions:
     include_stem: bool = False
     seed: int = 0
     min_group_width: int = 8
-    channel_multiple: int = 1  # round kept channels per group to a multiple of this (8: AVX2 NCHWc)
+    channel_multiple: int | str = "auto"  # round kept channels to multiples of this; auto: the NCHWc block
     speed_weight: float = DEFAULT_SPEED_WEIGHT
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calib: str | None = None  # .npz or image folder
@@ -82,8 +83,8 @@ class OptimizeOptions:
             parse_nm(self.nm)
         if self.reconstruct and not self.calib:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
-        if self.channel_multiple < 1:
-            raise GkpError(f"--channel-multiple must be a positive integer, got {self.channel_multiple}")
+        if self.channel_multiple != "auto" and (not isinstance(self.channel_multiple, int) or self.channel_multiple < 1):
+            raise GkpError(f"--channel-multiple must be a positive integer or 'auto', got {self.channel_multiple}")
         if isinstance(self.cost_model, str) and self.cost_model not in COST_MODELS:
             raise GkpError(f"unknown --cost-model {self.cost_model!r} (choose from {', '.join(COST_MODELS)})")
         if self.groups is not None and self.groups < 1:
@@ -196,11 +197,16 @@ def _estimated_cost(layer: LayerPlan) -> tuple[float, int]:
     return cost, layer.group_count or 0
 
 
-def _cost_model(opts: OptimizeOptions) -> CostModel | None:
-    if opts.cost_model != "measured":
-        return None if opts.cost_model in (None, "analytic") else opts.cost_model
-    from gkp_onnx.cost_model import MeasuredCost
+def channel_multiple(opts: OptimizeOptions) -> int:
+    """The multiple kept channels are rounded to: as given, or onnxruntime CPU's NCHWc block."""
+    return nchwc_block_size() if opts.channel_multiple == "auto" else opts.channel_multiple
 
+
+def _cost_model(opts: OptimizeOptions) -> CostModel:
+    if opts.cost_model in (None, "analytic"):
+        return AnalyticCpuCost(block=nchwc_block_size())
+    if opts.cost_model != "measured":
+        return opts.cost_model
     return MeasuredCost(provider=opts.bench_providers[0], threads=opts.bench_threads,
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
 
@@ -219,7 +225,7 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if not opts.gkp:
         return model, plan
-    run_passes([Analyze(specs, patterns, opts.include_stem, opts.channel_multiple)], model, plan)
+    run_passes([Analyze(specs, patterns, opts.include_stem, channel_multiple(opts))], model, plan)
     if not plan.layers:
         return model, plan
     choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,

@@ -35,17 +35,38 @@ STEM_MAX_CHANNELS = 4
 CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad")
 
 
-def kept_per_group(in_channels: int, ratio: float, multiple: int = 1) -> int:
-    """n = round((1 - ratio) * Ci), half rounded up, at least one channel.
+def kept_per_group(in_channels: int, ratio: float) -> int:
+    """n = round((1 - ratio) * Ci), half rounded up, at least one channel."""
+    return max(1, int((1.0 - ratio) * in_channels + 0.5))
 
-    With `multiple` > 1 (hardware-friendly shapes: onnxruntime's NCHWc Conv kernels want channel
-    counts that are multiples of 8 on AVX2, 16 on AVX512), n is rounded to the nearest multiple,
-    kept within [multiple, Ci]; layers with fewer than `multiple` input channels keep the plain n.
+
+def round_to_multiple(layers: list[tuple[int, int]], ratio: float, multiple: int) -> list[int]:
+    """Kept channels n per layer, (in_channels, MACs) each, for hardware-friendly shapes.
+
+    onnxruntime CPU runs Convs in its NCHWc layout with channel blocks of 8 (AVX2) or 16 (AVX512):
+    a Conv reading n >= block channels pays for n rounded up to a multiple of the block, fewer
+    than a block for n rounded up to a multiple of half a block (measured, AnalyticCpuCost). So n
+    is such a multiple (`multiple` from `multiple` channels up, `multiple` / 2 below): the one below
+    or above (1 - ratio) * Ci, whichever keeps the running sum of kept MACs over the rounded layers
+    closest to the ratio (error diffusion in graph order; ties keep more). The ratio thus holds
+    over the model, not per layer; a layer may round up to all its channels (it stays dense).
+    Layers narrower than `multiple`, and every layer when `multiple` is 1, keep the plain
+    `kept_per_group`.
     """
-    n = max(1, int((1.0 - ratio) * in_channels + 0.5))
-    if multiple > 1 and in_channels >= multiple:
-        n = min(in_channels, max(multiple, multiple * int(n / multiple + 0.5)))
-    return n
+    kept, carry = [], 0.0
+    for in_channels, macs in layers:
+        exact = (1.0 - ratio) * in_channels
+        step = multiple if exact >= multiple else multiple // 2
+        if multiple <= 1 or in_channels < multiple or exact < step:
+            kept.append(kept_per_group(in_channels, ratio))
+            continue
+        below = step * int(exact // step)
+        above = min(in_channels, below + step)
+        per_channel = macs / in_channels
+        n = min((above, below), key=lambda c: abs(carry + (c - exact) * per_channel))
+        carry += (n - exact) * per_channel
+        kept.append(n)
+    return kept
 
 
 def _geometry(node: onnx.NodeProto) -> dict:
@@ -80,6 +101,7 @@ class Analyze(Pass):
         consumers = {name: node for node in model.graph.node for name in node.input}
         outputs = {o.name for o in model.graph.output}
         plan.layers, plan.skipped = [], []
+        folds_into = {}  # layer -> the Conv its input Gather folds into (whose outputs it then prunes)
         for node in model.graph.node:
             if node.op_type != "Conv":
                 continue
@@ -89,17 +111,37 @@ class Analyze(Pass):
                 continue
             co, ci, *kernel = initializers[node.input[1]].dims
             input_shape = shapes.get(node.input[0])
+            top = walk_to_producer(node.input[0], producers, readers, outputs, initializers)[0]
+            if top is not None:
+                folds_into[node.name] = top
             plan.layers.append(LayerPlan(
                 node=node.name, weight=node.input[1], out_channels=co, in_channels=ci,
-                kernel_shape=list(kernel), macs=node_macs(node, shapes),
-                kept_per_group=kept_per_group(ci, plan.ratio, self.channel_multiple),
+                kernel_shape=list(kernel), macs=node_macs(node, shapes), kept_per_group=0,
                 input_size=input_shape[2:] if input_shape else None,
                 conv_attrs=_geometry(node),
-                input_folds=walk_to_producer(node.input[0], producers, readers, outputs,
-                                             initializers)[0] is not None,
+                input_folds=top is not None,
                 output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs,
                                               initializers)[1] is not None))
+        kept = round_to_multiple([(layer.in_channels, self._scaled_macs(layer, plan, folds_into, shapes))
+                                  for layer in plan.layers], plan.ratio, self.channel_multiple)
+        for layer, n in zip(plan.layers, kept):
+            layer.kept_per_group = n
+        if self.channel_multiple > 1 and plan.ratio > 0:  # a layer rounded up to all its channels stays dense
+            plan.skipped += [SkippedLayer(layer.node, "Conv", f"kept dense: rounded to multiples of "
+                                          f"{self.channel_multiple}, it keeps all {layer.in_channels} channels")
+                             for layer in plan.layers if layer.kept_per_group >= layer.in_channels]
+            plan.layers = [layer for layer in plan.layers if layer.kept_per_group < layer.in_channels]
         return PassResult(model, plan, modified=False)
+
+    @staticmethod
+    def _scaled_macs(layer: LayerPlan, plan: Plan, folds_into: dict, shapes) -> float:
+        """The MACs that scale with the layer's kept input channels, at the ratio elsewhere: its own
+        (times 1 - ratio where a later layer's Gather folds into it and prunes its outputs), and
+        those of the Conv its own input Gather folds into (it then computes only the kept channels)."""
+        keep, pruned = 1.0 - plan.ratio, {other.node for other in plan.layers}
+        own = layer.macs * (keep if any(top.name == layer.node for top in folds_into.values()) else 1.0)
+        top = folds_into.get(layer.node)
+        return own + (0.0 if top is None else (node_macs(top, shapes) or 0) * (keep if top.name in pruned else 1.0))
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:
         weight = node.input[1]

@@ -63,6 +63,15 @@ class AnalyticCpuCost:
     group reaches on onnxruntime CPU (measured on the 2-core reference machine, DESIGN.md):
     c >= 128: 0.96, 64: 0.88, 32: 0.85, 16: 0.59, 8: 0.35, 4: 0.14, interpolated in log2(c).
 
+    `block` is onnxruntime's NCHWc channel block on this CPU (cost_model.nchwc_block_size: 16 with
+    AVX512, 8 with AVX2; 1 = no NCHWc rule). A Conv reading c >= block channels costs as if c were
+    rounded up to a multiple of the block (fewer: up to a multiple of half a block), so at G = 1
+    the compute term is padded(n) / padded(Ci): 36 of 64 channels cost 48 (measured 0.78-0.83 of
+    the dense time, n / Ci = 0.56), 12 of 16 cost 16 (measured 0.99-1.27). A grouped Conv runs in NCHWc only when n and Co / G are multiples of the
+    block; otherwise it takes the plain NCHW path at SLOW_PATH times the efficiency (measured:
+    G = 2, 36 of 64 channels: 1.03-1.11 of the dense time; G = 4: 1.15-1.70). The table's widths
+    below 16 were measured on that path already.
+
     moves(G) is the time of the Gathers fold_gathers cannot remove, relative to the dense Conv:
     move_cost (multiply-adds one moved float costs) x floats moved per output pixel / (Ci*Co*kh*kw).
     onnxruntime runs Convs in its blocked NCHWc layout and a Gather cannot, so a Gather costs a
@@ -79,16 +88,30 @@ class AnalyticCpuCost:
 
     WIDTHS = np.array([4, 8, 16, 32, 64, 128])
     EFFICIENCY = np.array([0.14, 0.35, 0.59, 0.85, 0.88, 0.96])
+    SLOW_PATH = 0.5
 
-    def __init__(self, move_cost: float = 25.0):
+    def __init__(self, move_cost: float = 25.0, block: int = 1):
         self.move_cost = move_cost
+        self.block = block
 
     def efficiency(self, channels_per_group: float) -> float:
         return float(np.interp(np.log2(channels_per_group), np.log2(self.WIDTHS), self.EFFICIENCY))
 
+    def padded(self, channels: int) -> float:
+        """The channel count a Conv reading `channels` inputs costs as, in NCHWc blocks."""
+        if self.block <= 1:
+            return channels
+        step = self.block if channels >= self.block else max(1, self.block // 2)
+        return -(-channels // step) * step
+
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
         ci, co, n = layer.in_channels, layer.out_channels, layer.kept_per_group
-        compute = n / ci if group_count == 1 else n / ci / self.efficiency(co / group_count)
+        if group_count == 1:
+            compute = self.padded(n) / self.padded(ci)
+        else:
+            width = co // group_count  # below a block the table already holds the NCHW path's efficiency
+            aligned = self.block <= 1 or (n % self.block == 0 and (width < self.block or width % self.block == 0))
+            compute = n / ci / (self.efficiency(width) * (1.0 if aligned else self.SLOW_PATH))
         gather_in, permute_out = gathers_left(layer, group_count)
         moved = 0.0
         if gather_in:

@@ -54,3 +54,10 @@ def masked_reference(model: onnx.ModelProto, plan) -> onnx.ModelProto:
 def private_cache(tmp_path_factory, monkeypatch):
     """Every test session caches (clusterings, measurements) in its own folder, never in ~/.cache."""
     monkeypatch.setenv("GKP_ONNX_CACHE", str(tmp_path_factory.getbasetemp() / "gkp-onnx-cache"))
+
+
+@pytest.fixture(autouse=True)
+def nchwc_target(monkeypatch):
+    """Tests target no NCHWc block (no channel rounding, no padding in the cost model), whatever
+    CPU runs them; the tests of those rules, and the demo and real-weights runs, set 16 (AVX512)."""
+    monkeypatch.setenv("GKP_ONNX_NCHWC_BLOCK", "1")

@@ -7,7 +7,7 @@ from onnx import helper, numpy_helper
 from fixtures import GraphBuilder, TOPOLOGIES, residual
 
 from gkp_onnx.graph_stats import ensure_node_names, input_specs
-from gkp_onnx.passes.analyze import Analyze, kept_per_group
+from gkp_onnx.passes.analyze import Analyze, kept_per_group, round_to_multiple
 from gkp_onnx.plan import Plan
 
 
@@ -68,13 +68,25 @@ def test_dynamic_weight_and_grouped_conv_are_skipped():
     assert "already grouped (group=2)" == reasons["grp"]
 
 
-def test_channel_multiple_rounds_kept_channels_for_nchwc_kernels():
-    assert kept_per_group(16, 0.4375, multiple=8) == 8  # 9 -> 8
-    assert kept_per_group(32, 0.4375, multiple=8) == 16  # 18 -> 16
-    assert kept_per_group(64, 0.4375, multiple=8) == 40  # 36 -> 40 (nearest)
-    assert kept_per_group(16, 0.1, multiple=8) == 16  # never more than Ci
-    assert kept_per_group(16, 0.9, multiple=8) == 8  # never fewer than the multiple
-    assert kept_per_group(4, 0.5, multiple=8) == 2  # too narrow to round: the plain n
+def test_channel_multiple_rounds_to_multiples_and_holds_the_ratio_over_the_model():
+    layers = [(64, 1000)] * 8  # 64 channels, 0.4375: 36 kept exactly, between the multiples 32 and 48
+    kept = round_to_multiple(layers, 0.4375, 16)
+    assert set(kept) == {32, 48}  # never the NCHWc-padded 36
+    assert sum(kept) / len(kept) == 36  # the kept MACs of the rounded layers hold the ratio exactly here
+    assert kept == round_to_multiple(layers, 0.4375, 16)  # deterministic
+    # weighted by MACs: the big layer takes the nearest multiple (18 -> 16), the small ones make up what they can
+    assert round_to_multiple([(32, 10_000), (32, 100), (32, 100)], 0.4375, 16) == [16, 32, 32]
+    assert round_to_multiple([(16, 1), (64, 1)], 0.5, 16) == [8, 32]  # below the multiple: as computed
+    assert round_to_multiple([(16, 1), (10, 1)], 0.25, 1) == [kept_per_group(16, 0.25), kept_per_group(10, 0.25)]
+
+
+def test_a_layer_rounded_up_to_all_its_channels_stays_dense():
+    b = GraphBuilder(in_channels=32)
+    model = b.build(b.conv(b.op("Relu", [b.conv("x", 32)]), 32))  # two Convs reading 32 channels
+    plan = analyze(model, ratio=0.25, channel_multiple=16)  # 24 kept exactly: 32 (a tie keeps more), then 16
+    assert [layer.kept_per_group for layer in plan.layers] == [16]
+    assert [s.reason for s in plan.skipped] == ["kept dense: rounded to multiples of 16, it keeps all 32 channels"]
+    assert len(analyze(model, ratio=0.0, channel_multiple=16).layers) == 2  # ratio 0: the lossless rewrite stays
 
 
 def test_where_the_gathers_can_go_is_recorded_per_layer():

@@ -148,3 +148,16 @@ def test_console_script_exit_code_and_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"gkp-onnx: error: no such file: {tmp_path / 'missing.onnx'}"]
+
+
+def test_channel_multiple_takes_auto_or_a_positive_integer(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    for value in ("auto", "16", "1"):
+        assert main(["optimize", str(model_path), str(out), "--ratio", "0.5", "--channel-multiple", value]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # argparse's own error exit, in one line
+        main(["optimize", str(model_path), str(out), "--channel-multiple", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1
+    assert err[0] == ("gkp-onnx optimize: error: argument --channel-multiple: expected a positive integer or "
+                      "'auto', got '0' (see gkp-onnx optimize -h)")

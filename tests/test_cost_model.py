@@ -90,3 +90,18 @@ def test_bench_reverts_the_slowest_layers_until_not_slower(monkeypatch):
     np.testing.assert_allclose(run(optimized, feed)[0], run(masked_reference(model, report.plan), feed)[0],
                                rtol=1e-5, atol=1e-5)
 
+
+
+def test_nchwc_block_comes_from_onnxruntime_or_the_environment(monkeypatch):
+    from gkp_onnx.cost_model import nchwc_block_size, probe_nchwc_block
+    from gkp_onnx.errors import GkpError
+
+    probed = probe_nchwc_block()
+    assert probed >= 1 and probed & (probed - 1) == 0  # a power of two: 16 with AVX512, 8 with AVX2, 1 without
+    monkeypatch.delenv("GKP_ONNX_NCHWC_BLOCK")
+    assert nchwc_block_size() == probed
+    monkeypatch.setenv("GKP_ONNX_NCHWC_BLOCK", "8")
+    assert nchwc_block_size() == 8
+    monkeypatch.setenv("GKP_ONNX_NCHWC_BLOCK", "sixteen")
+    with pytest.raises(GkpError, match="GKP_ONNX_NCHWC_BLOCK must be a positive integer"):
+        nchwc_block_size()

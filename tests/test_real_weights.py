@@ -37,3 +37,18 @@ def test_real_resnet_exact_vs_masked_dense_and_top1(name, groups):
     print(f"\n{name} G={groups or 'auto'} ratio 0.4375 one-shot top-1 on {len(y)} exact-pixel images: "
           f"dense {100 * dense_acc:.2f}% -> pruned {100 * pruned_acc:.2f}%")
     assert dense_acc == pytest.approx({"resnet20": 0.9163, "resnet56": 0.9260}[name], abs=1e-3)
+
+
+def test_real_resnet56_with_nchwc_rounding_is_exact_and_keeps_the_ratio(monkeypatch):
+    path = shared_file("cifar10-resnet-akamaster/derived_onnx/resnet56_cifar10.onnx")
+    model = load_model(path)
+    _, plain = optimize(model, ratio=0.4375, validate=False)
+    monkeypatch.setenv("GKP_ONNX_NCHWC_BLOCK", "16")
+    optimized, report = optimize(model, ratio=0.4375, validate=False)
+    kept = {layer.kept_per_group for layer in report.plan.layers}
+    assert kept <= {8, 16, 32, 48}  # multiples of the block, half a block below it: never the padded 9/18/36
+    assert len(report.plan.layers) + sum(s.reason.startswith("kept dense") for s in report.plan.skipped) == 54
+    assert report.after.macs == pytest.approx(plain.after.macs, rel=0.05)  # the ratio holds over the model
+    x = preprocess(np.load(shared_file("cifar10/cifar10_test_exact_first932.npz"))["x"][:64])
+    np.testing.assert_allclose(run(optimized, {"input": x})[0], run(masked_reference(model, report.plan), {"input": x})[0],
+                               rtol=1e-4, atol=1e-4)
