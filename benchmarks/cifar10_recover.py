@@ -92,7 +92,8 @@ def main() -> None:
             starts = {
                 "gkp-auto": lambda: optimize(dense, ratio=args.ratio, validate=False, calib=str(calib_path),
                                              reconstruct=True)[0],
-                **{f"gkp-G{g}": lambda g=g: optimize(dense, ratio=args.ratio, groups=g, validate=False, channel_multiple=1,
+                **{f"gkp-G{g}": lambda g=g: optimize(dense, ratio=args.ratio, groups=g, validate=False,
+                                                     channel_multiple=1,  # the prior art's uniform setting
                                                      calib=str(calib_path), reconstruct=True)[0] for g in (8, 16)},
                 "l1-filter": lambda: l1_filter(dense, args.ratio, calib),
                 "dense": lambda: dense,

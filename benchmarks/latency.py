@@ -7,8 +7,9 @@ Per model and ratio: GKP with the default pipeline (auto group count, Gathers fo
 filter pruning built from the same passes, timed interleaved with the dense model (bench.py:
 warm-up, then A B C A B C ..., medians; at least --repeats rounds, more until they last --min-time
 seconds: a 1 ms model needs thousands of calls for a median the machine's noise does not move).
-Columns: MAC ratio, ideal speed-up (1 / MAC ratio), measured speed-up, measured / ideal, Gathers left, and for the CIFAR models the one-shot top-1 on
-the 500 carried exact-pixel test images (no recovery). ResNet-56/20 use the real pretrained
+Columns: MAC ratio, ideal speed-up (1 / MAC ratio), measured speed-up, measured / ideal, Gathers
+left, and for the CIFAR models the one-shot top-1 on the 500 carried exact-pixel test images (no
+recovery). ResNet-56/20 use the real pretrained
 weights; ResNet-50 (ImageNet shape) random weights. Writes benchmarks/results/latency.json and .md
 (--out names them), keeping earlier rows of the same settings that this run did not measure.
 """
@@ -119,7 +120,7 @@ def main() -> None:
 def markdown(rows: list[dict], args) -> str:
     lines = ["# Latency: GKP vs dense vs L1 filter pruning (onnxruntime CPU)", "",
              f"{describe_provider('cpu', args.threads)}, interleaved rounds (at least {args.repeats} and "
-             f"{args.min_time:g} s per batch; rows measured before --min-time existed: 20 rounds), medians; "
+             f"{args.min_time:g} s per batch), medians; "
              f"GKP: --channel-multiple {args.channel_multiple} (NCHWc block here: {nchwc_block_size()}), cost model "
              f"{args.cost_model}; L1: uniform ratio per layer. "
              "Speed-up = dense median / variant median; 'of ideal' = speed-up x MAC ratio. "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
+from gkp_onnx.cost_model import nchwc_block_size
 from gkp_onnx.graph_stats import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
@@ -80,8 +81,15 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
                   f"{len(plan.layers)} prunable Conv holding {pruned_macs:,} MACs "
                   f"({100 * pruned_macs / max(stats.macs, 1):.1f}%)",
               f"axis: the reduction axis of the weight ({nm} runs along it); TRT: TensorRT likely to use sparse "
-              f"kernels ({nm} weight, reduction and outputs >= {TRT_MIN_DIM} and multiples of 16)"]
+              f"kernels ({nm} weight, reduction and outputs >= {TRT_MIN_DIM} and multiples of 16)",
+              f"onnxruntime CPU NCHWc block here: {_block()} (optimize rounds kept channels to multiples of it: "
+              f"--channel-multiple auto)"]
     return "\n".join(lines)
+
+
+def _block() -> str:
+    block = nchwc_block_size()
+    return f"{block} channels" if block > 1 else "none (no NCHWc layout)"
 
 
 def _shape(shape) -> str:

@@ -83,7 +83,8 @@ class OptimizeOptions:
             parse_nm(self.nm)
         if self.reconstruct and not self.calib:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
-        if self.channel_multiple != "auto" and (not isinstance(self.channel_multiple, int) or self.channel_multiple < 1):
+        multiple = self.channel_multiple
+        if multiple != "auto" and (not isinstance(multiple, int) or multiple < 1):
             raise GkpError(f"--channel-multiple must be a positive integer or 'auto', got {self.channel_multiple}")
         if isinstance(self.cost_model, str) and self.cost_model not in COST_MODELS:
             raise GkpError(f"unknown --cost-model {self.cost_model!r} (choose from {', '.join(COST_MODELS)})")
@@ -197,7 +198,7 @@ def _estimated_cost(layer: LayerPlan) -> tuple[float, int]:
     return cost, layer.group_count or 0
 
 
-def channel_multiple(opts: OptimizeOptions) -> int:
+def _channel_multiple(opts: OptimizeOptions) -> int:
     """The multiple kept channels are rounded to: as given, or onnxruntime CPU's NCHWc block."""
     return nchwc_block_size() if opts.channel_multiple == "auto" else opts.channel_multiple
 
@@ -225,7 +226,7 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     plan = Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if not opts.gkp:
         return model, plan
-    run_passes([Analyze(specs, patterns, opts.include_stem, channel_multiple(opts))], model, plan)
+    run_passes([Analyze(specs, patterns, opts.include_stem, _channel_multiple(opts))], model, plan)
     if not plan.layers:
         return model, plan
     choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,

@@ -2,8 +2,8 @@
 
 Before: any ONNX model.
 After:  the model is unchanged; `plan.layers` holds one `LayerPlan` per prunable Conv (shapes,
-        dense MACs, n = kept input channels per group), `plan.skipped` every other Conv with the
-        reason.
+        dense MACs, n = kept input channels per group, rounded to multiples of `channel_multiple`
+        when it is > 1: round_to_multiple), `plan.skipped` every other Conv with the reason.
 
 A Conv is prunable when all of these hold:
 - its weight (input 1) is a constant initializer read by this node only, its bias (if any) too;

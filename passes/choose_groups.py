@@ -67,10 +67,10 @@ class AnalyticCpuCost:
     AVX512, 8 with AVX2; 1 = no NCHWc rule). A Conv reading c >= block channels costs as if c were
     rounded up to a multiple of the block (fewer: up to a multiple of half a block), so at G = 1
     the compute term is padded(n) / padded(Ci): 36 of 64 channels cost 48 (measured 0.78-0.83 of
-    the dense time, n / Ci = 0.56), 12 of 16 cost 16 (measured 0.99-1.27). A grouped Conv runs in NCHWc only when n and Co / G are multiples of the
-    block; otherwise it takes the plain NCHW path at SLOW_PATH times the efficiency (measured:
-    G = 2, 36 of 64 channels: 1.03-1.11 of the dense time; G = 4: 1.15-1.70). The table's widths
-    below 16 were measured on that path already.
+    the dense time, n / Ci = 0.56), 12 of 16 cost 16 (measured 0.99-1.27). A grouped Conv runs in
+    NCHWc only when n and Co / G are multiples of the block; otherwise it takes the plain NCHW
+    path at SLOW_PATH times the efficiency (measured: G = 2, 36 of 64 channels: 1.03-1.11 of the
+    dense time; G = 4: 1.15-1.70). The table's widths below 16 were measured on that path already.
 
     moves(G) is the time of the Gathers fold_gathers cannot remove, relative to the dense Conv:
     move_cost (multiply-adds one moved float costs) x floats moved per output pixel / (Ci*Co*kh*kw).

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -144,14 +146,25 @@ class ClusterFilters(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         weights = {t.name: t for t in model.graph.initializer}
+        jobs = []  # (layer, G, weight): one grouping each
         for layer in plan.layers:
             weight = numpy_helper.to_array(weights[layer.weight])
             counts = candidate_group_counts(layer, self.min_group_width, self.forced_groups)
             if self.viable is not None:
                 counts = self.viable(layer, weight, counts)
-            filters = weight.reshape(layer.out_channels, -1)
-            layer.candidate_groups = {g: snake_groups(weight, g) if self.method == "sr" else
-                                      cached_balanced_kmeans(filters, g, self.seed, self.cache) for g in counts}
+            jobs += [(layer, g, weight) for g in counts]
+            layer.candidate_groups = {}
+
+        def group(job) -> list[list[int]]:
+            layer, g, weight = job
+            if self.method == "sr":
+                return snake_groups(weight, g)
+            return cached_balanced_kmeans(weight.reshape(layer.out_channels, -1), g, self.seed, self.cache)
+
+        # scipy's linear_sum_assignment, nearly all of the time on wide layers, releases the GIL
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1) or 1) as pool:
+            for (layer, g, _), groups in zip(jobs, pool.map(group, jobs)):
+                layer.candidate_groups[g] = groups
         return PassResult(model, plan, modified=False)
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:

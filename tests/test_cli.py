@@ -74,6 +74,7 @@ def test_compare_and_inspect(model_path, tmp_path, capsys):
     assert main(["inspect", str(model_path)]) == 0
     text = capsys.readouterr().out
     assert "GKP: prunable" in text and "total:" in text
+    assert "onnxruntime CPU NCHWc block here: none" in text  # the tests pin the block to 1 (conftest)
 
 
 def test_missing_file(capsys, tmp_path):
