@@ -10,13 +10,12 @@ residual block, which reads the residual stream) stay dense, as in the classic m
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import ensure_node_names, input_specs, node_attr
+from gkp_onnx.graph_stats import ensure_node_names, graph_index, input_specs, node_attr
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.fold_gathers import FoldGathers, walk_to_producer
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -29,9 +28,7 @@ def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | No
     plan = Plan(ratio=ratio, method="l1-filter", seed=0)
     run_passes([Analyze(input_specs(model, input_shapes), channel_multiple=channel_multiple)], model, plan)
     initializers = {t.name: t for t in model.graph.initializer}
-    producers = {o: node for node in model.graph.node for o in node.output}
-    readers = Counter(name for node in model.graph.node for name in node.input)
-    outputs = {o.name for o in model.graph.output}
+    producers, _, readers, outputs = graph_index(model.graph)
     nodes = {node.name: node for node in model.graph.node}
     layers = []
     for layer in plan.layers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -101,6 +102,21 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     graph.fold_constants(error_ok=True).cleanup()
     return gs.export_onnx(graph, do_type_check=False)
+
+
+class GraphIndex(NamedTuple):
+    """Who produces and who reads each tensor: what the graph walks of the passes look up."""
+    producers: dict[str, onnx.NodeProto]  # tensor -> the node writing it
+    consumers: dict[str, onnx.NodeProto]  # tensor -> a node reading it (the one, where it is read once)
+    readers: Counter  # tensor -> how many node inputs read it
+    outputs: set[str]  # graph output names
+
+
+def graph_index(graph: onnx.GraphProto) -> GraphIndex:
+    return GraphIndex({o: node for node in graph.node for o in node.output},
+                      {name: node for node in graph.node for name in node.input},
+                      Counter(name for node in graph.node for name in node.input),
+                      {o.name for o in graph.output})
 
 
 def node_attr(node: onnx.NodeProto, name: str, default=None):

@@ -22,11 +22,10 @@ folds into it), `output_sinks` when the output reaches a dense Conv or Gemm thro
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import onnx
 
-from gkp_onnx.graph_stats import InputSpec, graph_inputs, infer_shapes, node_attr, node_macs
+from gkp_onnx.graph_stats import InputSpec, graph_index, graph_inputs, infer_shapes, node_attr, node_macs
 from gkp_onnx.passes.fold_gathers import walk_to_consumer, walk_to_producer
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
@@ -95,11 +94,8 @@ class Analyze(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         shapes = infer_shapes(model, self.specs)
         initializers = {t.name: t for t in model.graph.initializer}
-        readers = Counter(name for node in model.graph.node for name in node.input)
+        producers, consumers, readers, outputs = graph_index(model.graph)
         input_names = {i.name for i in graph_inputs(model)}
-        producers = {o: node for node in model.graph.node for o in node.output}
-        consumers = {name: node for node in model.graph.node for name in node.input}
-        outputs = {o.name for o in model.graph.output}
         plan.layers, plan.skipped = [], []
         folds_into = {}  # layer -> the Conv its input Gather folds into (whose outputs it then prunes)
         for node in model.graph.node:

@@ -37,13 +37,12 @@ Shapes of the re-indexed tensors change (channel count |I|); stale value_info is
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import node_attr
+from gkp_onnx.graph_stats import graph_index, node_attr
 from gkp_onnx.passes.nm_sparsify import reduction_axis
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
@@ -68,9 +67,7 @@ class FoldGathers(Pass):
     def _fold_one(self, model: onnx.ModelProto) -> bool:
         graph = model.graph
         initializers = {t.name: t for t in graph.initializer}
-        producers = {o: node for node in graph.node for o in node.output}
-        readers = Counter(name for node in graph.node for name in node.input)
-        outputs = {o.name for o in graph.output}
+        producers, _, readers, outputs = graph_index(graph)
         for gather in graph.node:
             index = _gather_index(gather, initializers)
             if index is None:
@@ -114,10 +111,7 @@ class FoldGathers(Pass):
         """Absorb a channel permutation into the weights of the dense layer that reads it."""
         graph = model.graph
         initializers = {t.name: t for t in graph.initializer}
-        producers = {o: node for node in graph.node for o in node.output}
-        consumers = {name: node for node in graph.node for name in node.input}  # used where read once
-        readers = Counter(name for node in graph.node for name in node.input)
-        outputs = {o.name for o in graph.output}
+        producers, consumers, readers, outputs = graph_index(graph)
         for gather in graph.node:
             index = _gather_index(gather, initializers)
             if index is None or not np.array_equal(np.sort(index), np.arange(len(index))) \

@@ -24,7 +24,6 @@ sparse weights enabled, and is realised for large enough fp16/int8 layers only.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import node_attr
+from gkp_onnx.graph_stats import graph_index, node_attr
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
@@ -150,9 +149,7 @@ def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=()
                   ) -> tuple[list[WeightRef], list[tuple[str, str]]]:
     """The layers the pass can sparsify, and (node, reason) for the others."""
     initializers = {t.name: t for t in model.graph.initializer}
-    producers = {o: node for node in model.graph.node for o in node.output}
-    readers = Counter(name for node in model.graph.node for name in node.input)
-    outputs = {o.name for o in model.graph.output}
+    producers, _, readers, outputs = graph_index(model.graph)
     refs, skipped = [], []
     for node in model.graph.node:
         if node.op_type not in ops:
