@@ -71,3 +71,25 @@ def test_snake_groups_deal_filters_by_roughness():
     weight[:, 0, 0, 0] = np.arange(8)
     assert snake_groups(weight, 2) == [[0, 3, 4, 7], [1, 2, 5, 6]]
     assert snake_groups(weight, 4) == [[0, 7], [1, 6], [2, 5], [3, 4]]
+
+
+def test_the_pass_groups_every_layer_and_count_as_one_thread_would():
+    from fixtures import GraphBuilder
+
+    from gkp_onnx.graph_stats import ensure_node_names, input_specs
+    from gkp_onnx.passes.analyze import Analyze
+    from gkp_onnx.passes.cluster import ClusterFilters
+    from gkp_onnx.pipeline import run_passes
+    from gkp_onnx.plan import Plan
+    from onnx import numpy_helper
+
+    b = GraphBuilder(in_channels=16, size=6)
+    model = b.build(b.conv(b.op("Relu", [b.conv(b.conv("x", 32), 64)]), 32))
+    ensure_node_names(model)
+    plan = Plan(ratio=0.5, method="leanflex", seed=0)
+    run_passes([Analyze(input_specs(model)), ClusterFilters(min_group_width=4)], model, plan)  # several jobs at once
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for layer in plan.layers:
+        filters = weights[layer.weight].reshape(layer.out_channels, -1)
+        assert list(layer.candidate_groups) == candidate_group_counts(layer, 4)  # in order, none missing
+        assert all(groups == balanced_kmeans(filters, g, 0) for g, groups in layer.candidate_groups.items())
