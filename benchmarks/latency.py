@@ -1,7 +1,7 @@
 """Latency of GKP-optimized models vs dense and vs classic L1 filter pruning (onnxruntime CPU).
 
     python benchmarks/latency.py [--threads 2] [--repeats 20] [--min-time 2] [--ratios 0.25,0.4375,0.5,0.75]
-                                 [--models resnet56,resnet20,resnet50] [--cost-model analytic|measured]
+                                 [--models resnet56,resnet20,resnet50,vgg16] [--cost-model analytic|measured]
 
 Per model and ratio: GKP with the default pipeline (auto group count, Gathers folded) and L1
 filter pruning built from the same passes, timed interleaved with the dense model (bench.py:
@@ -10,7 +10,8 @@ seconds: a 1 ms model needs thousands of calls for a median the machine's noise 
 Columns: MAC ratio, ideal speed-up (1 / MAC ratio), measured speed-up, measured / ideal, Gathers
 left, and for the CIFAR models the one-shot top-1 on the 500 carried exact-pixel test images (no
 recovery). ResNet-56/20 use the real pretrained
-weights; ResNet-50 (ImageNet shape) random weights. Writes benchmarks/results/latency.json and .md
+weights; ResNet-50 (ImageNet shape) and VGG-16 (CIFAR shape, a plain chain: no residual
+stream) random weights. Writes benchmarks/results/latency.json and .md
 (--out names them), keeping earlier rows of the same settings that this run did not measure.
 """
 
@@ -37,7 +38,7 @@ from gkp_onnx.validate import Dataset, make_session, run_model
 from cifar10 import RESULTS, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-resnet-akamaster"
-BATCHES = {"resnet56": (1, 64), "resnet20": (1, 64), "resnet50": (1, 8)}
+BATCHES = {"resnet56": (1, 64), "resnet20": (1, 64), "resnet50": (1, 8), "vgg16": (1, 64)}
 
 
 def dense_model(name: str, tmp: Path) -> Path | None:
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed rounds per batch, at least")
     parser.add_argument("--ratios", default="0.25,0.4375,0.5,0.75")
-    parser.add_argument("--models", default="resnet56,resnet20,resnet50")
+    parser.add_argument("--models", default="resnet56,resnet20,resnet50,vgg16")
     parser.add_argument("--channel-multiple", default="auto",
                         help="GKP's channel rounding: auto (the NCHWc block, the default) or K; L1 stays uniform")
     parser.add_argument("--cost-model", default="analytic", choices=["analytic", "measured"],
@@ -104,7 +105,7 @@ def main() -> None:
                            "median_ms": {t.batch: t.median_ms for t in timings if t.model == label},
                            "dense_ms": {t.batch: t.median_ms for t in timings if t.model == "dense"},
                            "rounds": {t.batch: t.rounds for t in timings if t.model == label}}
-                    if name.startswith("resnet") and name != "resnet50":
+                    if name in ("resnet56", "resnet20"):
                         row["top1_dense"], row["top1"] = accuracy(dense, cifar), accuracy(model, cifar)
                     rows.append(row)
                     speed = "  ".join(f"b{b} {s:.2f}x ({s * mac_ratio:.2f} of ideal)" for b, s in row["speedup"].items())

@@ -3,6 +3,7 @@
     python -m gkp_onnx.models.export resnet56 out.onnx --weights resnet56-4bfd9763.th
     python -m gkp_onnx.models.export resnet50 out.onnx
     python -m gkp_onnx.models.export vit_small out.onnx
+    python -m gkp_onnx.models.export vgg16 out.onnx
 
 The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
 and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
@@ -19,10 +20,11 @@ import torch
 
 from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
 from gkp_onnx.models.resnet50 import resnet50
+from gkp_onnx.models.vgg import vgg16
 from gkp_onnx.models.vit import vit_small
 
 OPSET = 17
-MODELS = sorted(DEPTHS) + ["resnet50", "vit_small"]
+MODELS = sorted(DEPTHS) + ["resnet50", "vgg16", "vit_small"]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -31,6 +33,8 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.n
         return resnet50(seed), (1, 3, 224, 224)
     if name == "vit_small":
         return vit_small(seed), (1, 3, 224, 224)
+    if name == "vgg16":
+        return vgg16(seed), (1, 3, 32, 32)
     if weights:
         return load_akamaster(name, weights), (1, 3, 32, 32)
     torch.manual_seed(seed)

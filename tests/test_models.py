@@ -29,6 +29,20 @@ def test_resnet50_shapes():
     assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's resnet50
 
 
+def test_vgg16_is_a_plain_chain_whose_gathers_all_fold(tmp_path):
+    from gkp_onnx import optimize
+
+    model, shape = build("vgg16")
+    assert shape == (1, 3, 32, 32) and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 13
+    exported = onnx.load(export(model, shape, tmp_path / "vgg16.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(exported, {"input": x})[0], model(torch.from_numpy(x)).numpy(), atol=1e-4)
+    optimized, report = optimize(exported, ratio=0.5, validate=False)
+    assert len(report.plan.layers) == 12  # all but the stem
+    assert not [n for n in optimized.graph.node if n.op_type == "Gather"]  # no residual stream: filter pruning
+
+
 def test_llama2c_checkpoint_matches_the_onnx_export_and_tokenizer_decodes():
     from onnx import numpy_helper
 
