@@ -44,6 +44,9 @@ class LayerPlan:
     # produces the input (read by this Conv only), an output permutation into what reads the output.
     input_folds: bool = False
     output_sinks: bool = False
+    # MACs of the Conv the input Gather folds into (its input side pruned at the ratio when it is a
+    # layer too), 0 when none: at G = 1 that Conv computes n of its Co filters, at G > 1 G * n.
+    producer_macs: float = 0.0
     group_count: int | None = None
     groups: list[list[int]] | None = None
     kept_channels: list[list[int]] | None = None

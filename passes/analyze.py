@@ -118,8 +118,17 @@ class Analyze(Pass):
                 input_folds=top is not None,
                 output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs,
                                               initializers)[1] is not None))
-        kept = round_to_multiple([(layer.in_channels, self._scaled_macs(layer, plan, folds_into, shapes))
-                                  for layer in plan.layers], plan.ratio, self.channel_multiple)
+        keep, pruned = 1.0 - plan.ratio, {layer.node for layer in plan.layers}
+        for layer in plan.layers:
+            top = folds_into.get(layer.node)
+            if top is not None:
+                layer.producer_macs = (node_macs(top, shapes) or 0) * (keep if top.name in pruned else 1.0)
+        # the MACs that scale with a layer's kept channels: its own (times 1 - ratio where a later
+        # layer's Gather folds into it and prunes its outputs), and its producer's outputs
+        folded = {top.name for top in folds_into.values()}
+        scaled = [layer.macs * (keep if layer.node in folded else 1.0) + layer.producer_macs for layer in plan.layers]
+        kept = round_to_multiple([(layer.in_channels, macs) for layer, macs in zip(plan.layers, scaled)],
+                                 plan.ratio, self.channel_multiple)
         for layer, n in zip(plan.layers, kept):
             layer.kept_per_group = n
         if self.channel_multiple > 1 and plan.ratio > 0:  # a layer rounded up to all its channels stays dense
@@ -128,16 +137,6 @@ class Analyze(Pass):
                              for layer in plan.layers if layer.kept_per_group >= layer.in_channels]
             plan.layers = [layer for layer in plan.layers if layer.kept_per_group < layer.in_channels]
         return PassResult(model, plan, modified=False)
-
-    @staticmethod
-    def _scaled_macs(layer: LayerPlan, plan: Plan, folds_into: dict, shapes) -> float:
-        """The MACs that scale with the layer's kept input channels, at the ratio elsewhere: its own
-        (times 1 - ratio where a later layer's Gather folds into it and prunes its outputs), and
-        those of the Conv its own input Gather folds into (it then computes only the kept channels)."""
-        keep, pruned = 1.0 - plan.ratio, {other.node for other in plan.layers}
-        own = layer.macs * (keep if any(top.name == layer.node for top in folds_into.values()) else 1.0)
-        top = folds_into.get(layer.node)
-        return own + (0.0 if top is None else (node_macs(top, shapes) or 0) * (keep if top.name in pruned else 1.0))
 
     def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:
         weight = node.input[1]

@@ -126,3 +126,17 @@ def test_nchwc_block_pads_channel_counts_and_sends_unaligned_grouped_convs_to_th
     assert nchwc.relative_time(layer(64, 64, 36), 2) > 1.0  # measured 1.03-1.11 of the dense time
     # widths below a block were measured on the NCHW path: not penalised twice
     assert nchwc.relative_time(layer(64, 64, 32), 8) == pytest.approx(plain.relative_time(layer(64, 64, 32), 8))
+
+
+def test_a_folding_producer_makes_a_larger_group_count_cost_what_it_keeps_of_the_producer():
+    shape = dict(node="c", weight="w", out_channels=512, in_channels=512, kernel_shape=[3, 3], macs=1000,
+                 kept_per_group=128, input_folds=True, output_sinks=True)
+    cost = AnalyticCpuCost(move_cost=0.0)
+    alone, paired = LayerPlan(**shape), LayerPlan(**shape, producer_macs=1000)
+    assert cost.relative_time(paired, 1) == pytest.approx(0.25)  # both Convs at a quarter
+    # G = 4 reads 4 * 128 = all 512 producer channels: the producer stays whole
+    assert cost.relative_time(paired, 4) == pytest.approx((cost.relative_time(alone, 4) + 1.0) / 2)
+    assert cost.relative_time(paired, 4) - cost.relative_time(paired, 1) > 2 * (
+        cost.relative_time(alone, 4) - cost.relative_time(alone, 1))
+    stream = LayerPlan(**{**shape, "input_folds": False}, producer_macs=0)
+    assert cost.relative_time(stream, 2) == cost.relative_time(LayerPlan(**{**shape, "input_folds": False}), 2)

@@ -38,9 +38,10 @@ def test_vgg16_is_a_plain_chain_whose_gathers_all_fold(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         np.testing.assert_allclose(run(exported, {"input": x})[0], model(torch.from_numpy(x)).numpy(), atol=1e-4)
-    optimized, report = optimize(exported, ratio=0.5, validate=False)
-    assert len(report.plan.layers) == 12  # all but the stem
-    assert not [n for n in optimized.graph.node if n.op_type == "Gather"]  # no residual stream: filter pruning
+    for ratio in (0.5, 0.75):  # 0.75: a larger G keeps G times more of the producer, which the cost model sees
+        optimized, report = optimize(exported, ratio=ratio, validate=False)
+        assert len(report.plan.layers) == 12 and {layer.group_count for layer in report.plan.layers} == {1}
+        assert not [n for n in optimized.graph.node if n.op_type == "Gather"]  # no residual stream: filter pruning
 
 
 def test_llama2c_checkpoint_matches_the_onnx_export_and_tokenizer_decodes():
