@@ -8,9 +8,11 @@ a channel Gather of G * n channels in front unless the producer computes them it
 (`layer.input_folds` and G * n <= Ci; then the Conv reads G * n channels), and an output
 permutation behind when G > 1 unless the readers absorb it (`layer.output_sinks`). The ratio of
 the medians is the layer's relative time T(G) that choose_groups trades against retained
-importance. Both forms sit between depthwise 1x1 Convs, so that their input and output live in
-onnxruntime's NCHWc layout as inside a CNN and a Gather pays for the reorders around it; those
-two cheap Convs are in both timings, which pulls T slightly towards 1.
+importance (paired, as the analytic model does, with the share of the producer Conv the input
+Gather folds into: AnalyticCpuCost.with_producer). Both forms sit between depthwise 1x1 Convs,
+so that their input and output live in onnxruntime's NCHWc layout as inside a CNN and a Gather
+pays for the reorders around it; those two cheap Convs are in both timings, which pulls T
+slightly towards 1.
 
 Results are cached in a JSON file per machine (CPU model, core count, onnxruntime version,
 provider, threads) under $GKP_ONNX_CACHE or ~/.cache/gkp-onnx, so a second run on the same
@@ -162,7 +164,7 @@ class MeasuredCost:
             self.entries[key] = 1.0 / timings[1].speedup
             self.measured += 1
             self._save()
-        return self.entries[key]
+        return self.fallback.with_producer(layer, group_count, self.entries[key])
 
     def _save(self) -> None:
         write_atomic(self.path, json.dumps({"machine": self.tag, "entries": self.entries}, indent=0).encode())

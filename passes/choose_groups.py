@@ -125,13 +125,18 @@ class AnalyticCpuCost:
             moved += (ci + 2 * group_count * n) * int(np.prod(layer.conv_attrs.get("strides", [1])))
         if permute_out:
             moved += 3 * co
-        own = compute + self.move_cost * moved / (ci * co * int(np.prod(layer.kernel_shape)))
+        return self.with_producer(layer, group_count, compute + self.move_cost * moved / (
+            ci * co * int(np.prod(layer.kernel_shape))))
+
+    def with_producer(self, layer: LayerPlan, group_count: int, own: float) -> float:
+        """`own` (the layer's relative time) paired with the Conv its input Gather folds into, which
+        then computes G * n of its Ci outputs (all when the Gather stays): the pair's time relative
+        to the dense pair. `own` as it is where no producer folds."""
         if not layer.producer_macs or not layer.macs:
             return own
-        # with the Conv its Gather folds into, which then computes G * n of its Ci outputs (all when
-        # the Gather stays): the pair's time relative to the dense pair
         weight = layer.producer_macs / layer.macs
-        outputs = 1.0 if gather_in else self.padded(group_count * n) / self.padded(ci)
+        folds = not gathers_left(layer, group_count)[0]
+        outputs = self.padded(group_count * layer.kept_per_group) / self.padded(layer.in_channels) if folds else 1.0
         return (own + weight * outputs) / (1.0 + weight)
 
 

@@ -48,6 +48,11 @@ def test_measurements_are_cached_per_machine(tmp_path):
     assert other_machine.path != first.path
     no_shape = LayerPlan(**{**LAYER.__dict__, "input_size": None})
     assert second.relative_time(no_shape, 2) == second.fallback.relative_time(no_shape, 2)
+    # a producer the input Gather folds into weighs in as in the analytic model (its outputs are not timed)
+    paired = LayerPlan(**{**LAYER.__dict__, "input_folds": True, "macs": 100, "producer_macs": 100})
+    measured_pair = second.relative_time(paired, 1)
+    own = second.entries[second.key(paired, 1)]
+    assert measured_pair == pytest.approx((own + LAYER.kept_per_group / LAYER.in_channels) / 2)
 
 
 class FixedCost:
