@@ -2,13 +2,16 @@
 
     python benchmarks/cifar10.py [--models resnet56] [--images 64,256,1024] [--ratio 0.4375]
                                  [--variants gkp-auto,gkp-G8,l1-filter,gkp-auto=L1-MACs] (also gkp-G16)
+                                 [--latency]
 
 Real pretrained ResNets and CIFAR-10 from ../shared/data. Top-1 on the 932 exact-pixel test
 images (and on the 10k JPEG test set); reconstruction uses unlabeled JPEG test images 932.. (disjoint
 from the exact-pixel ones). Conditions: GKP with the default pipeline (auto G), GKP with G = 8,
 classic L1 filter pruning (same passes), and auto G at the ratio that brings its MACs down to L1's
 ("gkp-auto=L1-MACs"; auto G folds more than the ratio alone removes), each one-shot and
-reconstructed with each image count.
+reconstructed with each image count. --latency also times each variant beside the dense model
+(onnxruntime CPU, 2 threads, batch 1 and 64, interleaved; reconstruction leaves the structure, so
+the one-shot models stand for all image counts) into results/cifar10_latency.json and .md.
 Distillation fine-tuning (conditions c/d) is benchmarks/cifar10_recover.py. Writes
 benchmarks/results/cifar10.json and .md after every row, keeping the rows of other models.
 """
@@ -26,6 +29,7 @@ import onnx
 
 from gkp_onnx import optimize
 from gkp_onnx.baselines import l1_filter_plan
+from gkp_onnx.bench import bench, describe_provider
 from gkp_onnx.graph_stats import ensure_node_names, input_specs, model_stats
 from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
 from gkp_onnx.models.export import export
@@ -37,6 +41,7 @@ from gkp_onnx.validate import Dataset, make_session, run_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
+LATENCY_BATCHES = (1, 64)
 
 
 def top1(model: onnx.ModelProto, data: Dataset) -> float:
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--images", default="64,256,1024")
     parser.add_argument("--ratio", type=float, default=0.4375)
     parser.add_argument("--variants", default="gkp-auto,gkp-G8,l1-filter,gkp-auto=L1-MACs")
+    parser.add_argument("--latency", action="store_true", help="also time the variants against dense")
     args = parser.parse_args()
     methods = args.variants.split(",")
     evaluation = test_sets()
@@ -106,7 +112,8 @@ def main() -> None:
             if "gkp-auto=L1-MACs" in methods:
                 l1_macs = model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
                 equal_macs_ratio = ratio_for_macs(dense, l1_macs)
-            for images in [0] + [int(i) for i in args.images.split(",")]:
+            one_shot = {}
+            for images in [0] + [int(i) for i in args.images.split(",") if i]:
                 calib_path = None
                 if images:
                     calib_path = Path(tmp) / f"calib{images}.npz"
@@ -133,6 +140,36 @@ def main() -> None:
                                  **{k: top1(model, d) for k, d in evaluation.items()}})
                     print(rows[-1], flush=True)
                     write(rows, args.ratio)
+                    if not images:
+                        one_shot[method] = model
+            if args.latency:
+                time_variants(name, dense, one_shot, rows)
+
+
+def time_variants(name: str, dense: onnx.ModelProto, models: dict[str, onnx.ModelProto],
+                  rows: list[dict]) -> None:
+    """Each variant's median latency beside the dense model's, written as cifar10_latency."""
+    timings = bench([dense, *models.values()], names=["dense", *models], batches=LATENCY_BATCHES,
+                    threads=2, repeats=20, min_time_s=2.0)
+    found = []
+    for method in models:
+        one_shot = next(r for r in rows if r["model"] == name and r["method"] == method and not r["images"])
+        found.append({"model": name, "method": method, "mac_ratio": one_shot["mac_ratio"],
+                      "speedup": {str(t.batch): t.speedup for t in timings if t.model == method},
+                      "median_ms": {str(t.batch): t.median_ms for t in timings if t.model == method},
+                      "dense_ms": {str(t.batch): t.median_ms for t in timings if t.model == "dense"}})
+        print(found[-1], flush=True)
+    found = save_rows("cifar10_latency", found, lambda r: (r["model"], r["method"]),
+                      provider=describe_provider("cpu", 2))
+    lines = ["# CIFAR-10 variants: latency beside the dense model", "",
+             f"{describe_provider('cpu', 2)}; interleaved rounds (at least 20 and 2 s per batch), medians. "
+             "Speed-up = dense median / variant median (reconstruction does not change the structure).", "",
+             "| model | method | MAC ratio | " + " | ".join(f"speed-up b{b}" for b in LATENCY_BATCHES) + " |",
+             "|---|---|---|" + "---|" * len(LATENCY_BATCHES)]
+    for r in found:
+        speed = " | ".join(f"{r['speedup'][str(b)]:.2f}x" for b in LATENCY_BATCHES)
+        lines.append(f"| {r['model']} | {r['method']} | {r['mac_ratio']:.3f} | {speed} |")
+    (RESULTS / "cifar10_latency.md").write_text("\n".join(lines) + "\n")
 
 
 def save_rows(name: str, rows: list[dict], key, **setting) -> list[dict]:
@@ -158,7 +195,7 @@ def write(rows: list[dict], ratio: float) -> None:
              "TMI-GKP ResNet-56 93.78 -> 94.00 (300 epochs); TKP ResNet-56 93.58 -> 91.80.", "",
              "| model | method | images | MAC ratio | top-1 exact | top-1 JPEG 10k | time s |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["model"], r["images"])):
         method = f"{r['method']} ({r['ratio']:.3f})" if r["method"] == "gkp-auto=L1-MACs" else r["method"]
         lines.append(f"| {r['model']} | {method} | {r['images']} | {r['mac_ratio']:.3f} | "
                      f"{100 * r['exact932']:.2f}% | {100 * r['jpeg10k']:.2f}% | {r['seconds']:.1f} |")
