@@ -10,7 +10,6 @@ residual block, which reads the residual stream) stay dense, as in the classic m
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import numpy_helper

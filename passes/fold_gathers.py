@@ -37,7 +37,6 @@ Shapes of the re-indexed tensors change (channel count |I|); stale value_info is
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import numpy_helper

@@ -96,7 +96,6 @@ def test_bench_reverts_the_slowest_layers_until_not_slower(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
-
 def test_nchwc_block_comes_from_onnxruntime_or_the_environment(monkeypatch):
     from gkp_onnx.cost_model import nchwc_block_size, probe_nchwc_block
     from gkp_onnx.errors import GkpError
