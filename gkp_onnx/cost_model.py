@@ -2,17 +2,15 @@
 
 For a layer (its Conv geometry: channels, kernel, input size, strides, pads, dilations), a kept
 width n and a group count G, two small models are timed side by side with `bench.bench`
-(interleaved, medians): the dense Conv, and the GKP form as fold_gathers will leave it, the
-grouped Conv with the Gathers analyze says cannot go (the same rule the analytic model charges):
-a channel Gather of G * n channels in front unless the producer computes them itself
-(`layer.input_folds` and G * n <= Ci; then the Conv reads G * n channels), and an output
-permutation behind when G > 1 unless the readers absorb it (`layer.output_sinks`). The ratio of
-the medians is the layer's relative time T(G) that choose_groups trades against retained
-importance (paired, as the analytic model does, with the share of the producer Conv the input
-Gather folds into: AnalyticCpuCost.with_producer). Both forms sit between depthwise 1x1 Convs,
-so that their input and output live in onnxruntime's NCHWc layout as inside a CNN and a Gather
-pays for the reorders around it; those two cheap Convs are in both timings, which pulls T
-slightly towards 1.
+(interleaved, medians): the dense Conv and the grouped Conv reading G * n channels. The ratio of
+the medians is the compute term of the layer's relative time T(G); the Gathers fold_gathers
+leaves are added by the analytic model's move term (AnalyticCpuCost.moves), and the pair with
+the producer Conv the input Gather folds into is weighed as there (AnalyticCpuCost.with_producer).
+Both Convs sit between depthwise 1x1 Convs, so that their input and output live in onnxruntime's
+NCHWc layout as inside a CNN; those two cheap Convs are in both timings, which pulls T slightly
+towards 1. The Gathers are not timed: a Gather + grouped Conv timed alone looked cheap, but the
+same layers in the model cost the reorders and cache misses around each Gather, which the move
+term was calibrated on (whole-model figures: README, benchmarks/results/latency_measured.md).
 
 Results are cached in a JSON file per machine (CPU model, core count, onnxruntime version,
 provider, threads) under $GKP_ONNX_CACHE or ~/.cache/gkp-onnx, so a second run on the same
@@ -38,7 +36,7 @@ from onnx import helper, numpy_helper
 from gkp_onnx.bench import bench
 from gkp_onnx.cache import cache_dir, write_atomic
 from gkp_onnx.errors import GkpError
-from gkp_onnx.passes.choose_groups import AnalyticCpuCost, gathers_left
+from gkp_onnx.passes.choose_groups import AnalyticCpuCost
 from gkp_onnx.plan import LayerPlan
 
 BLOCK_ENV = "GKP_ONNX_NCHWC_BLOCK"
@@ -88,13 +86,11 @@ def machine_tag(provider: str, threads: int | None) -> str:
 
 
 def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The layer's dense Conv and its GKP form (the grouped Conv and the Gathers left), each between
+    """The layer's dense Conv and its grouped Conv (G groups of n input channels), each between
     depthwise 1x1 Convs: in a CNN a layer reads and writes tensors that other Convs produce and
-    read, which onnxruntime keeps in its NCHWc layout, so a Gather pays here, as in the model, for
-    the reorders around it."""
+    read, which onnxruntime keeps in its NCHWc layout."""
     rng = np.random.default_rng(seed)
     co, ci, n = layer.out_channels, layer.in_channels, layer.kept_per_group
-    gather_in, permute_out = gathers_left(layer, group_count)
     attrs = dict(layer.conv_attrs, kernel_shape=list(layer.kernel_shape))
 
     def array(*shape):
@@ -120,13 +116,9 @@ def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) 
         return built
 
     dense = chain(ci, [("Conv", [array(co, ci, *layer.kernel_shape), array(co)], attrs)])
-    steps = [("Conv", [array(co, n, *layer.kernel_shape), array(co)], {**attrs, "group": group_count})]
-    if gather_in:
-        index = np.concatenate([np.sort(rng.choice(ci, n, replace=False)) for _ in range(group_count)])
-        steps.insert(0, ("Gather", [index.astype(np.int64)], {"axis": 1}))
-    if permute_out:
-        steps.append(("Gather", [rng.permutation(co).astype(np.int64)], {"axis": 1}))
-    return dense, chain(ci if gather_in else group_count * n, steps)
+    grouped = chain(group_count * n, [("Conv", [array(co, n, *layer.kernel_shape), array(co)],
+                                       {**attrs, "group": group_count})])
+    return dense, grouped
 
 
 class MeasuredCost:
@@ -150,8 +142,8 @@ class MeasuredCost:
 
     def key(self, layer: LayerPlan, group_count: int) -> str:
         return json.dumps([layer.in_channels, layer.out_channels, layer.kernel_shape, layer.input_size,
-                           layer.conv_attrs, layer.kept_per_group, group_count, self.batch,
-                           gathers_left(layer, group_count)], sort_keys=True)
+                           layer.conv_attrs, layer.kept_per_group, group_count, self.batch, "conv"],
+                          sort_keys=True)
 
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
         if not layer.input_size:
@@ -164,7 +156,8 @@ class MeasuredCost:
             self.entries[key] = 1.0 / timings[1].speedup
             self.measured += 1
             self._save()
-        return self.fallback.with_producer(layer, group_count, self.entries[key])
+        own = self.entries[key] + self.fallback.moves(layer, group_count)
+        return self.fallback.with_producer(layer, group_count, own)
 
     def _save(self) -> None:
         write_atomic(self.path, json.dumps({"machine": self.tag, "entries": self.entries}, indent=0).encode())

@@ -119,14 +119,18 @@ class AnalyticCpuCost:
             width = co // group_count  # below a block the table already holds the NCHW path's efficiency
             aligned = self.block <= 1 or (n % self.block == 0 and (width < self.block or width % self.block == 0))
             compute = n / ci / (self.efficiency(width) * (1.0 if aligned else self.SLOW_PATH))
+        return self.with_producer(layer, group_count, compute + self.moves(layer, group_count))
+
+    def moves(self, layer: LayerPlan, group_count: int) -> float:
+        """The time of the Gathers fold_gathers leaves, relative to the dense Conv."""
+        ci, co, n = layer.in_channels, layer.out_channels, layer.kept_per_group
         gather_in, permute_out = gathers_left(layer, group_count)
         moved = 0.0
         if gather_in:
             moved += (ci + 2 * group_count * n) * int(np.prod(layer.conv_attrs.get("strides", [1])))
         if permute_out:
             moved += 3 * co
-        return self.with_producer(layer, group_count, compute + self.move_cost * moved / (
-            ci * co * int(np.prod(layer.kernel_shape))))
+        return self.move_cost * moved / (ci * co * int(np.prod(layer.kernel_shape)))
 
     def with_producer(self, layer: LayerPlan, group_count: int, own: float) -> float:
         """`own` (the layer's relative time) paired with the Conv its input Gather folds into, which

@@ -12,6 +12,7 @@ from fixtures import TOPOLOGIES
 from gkp_onnx import optimize
 from gkp_onnx.bench import Timing
 from gkp_onnx.cost_model import MeasuredCost, layer_models
+from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.plan import LayerPlan
 
 LAYER = LayerPlan(node="conv", weight="w", out_channels=16, in_channels=16, kernel_shape=[3, 3], macs=0,
@@ -19,23 +20,23 @@ LAYER = LayerPlan(node="conv", weight="w", out_channels=16, in_channels=16, kern
 
 
 def test_layer_models_are_valid_and_agree_in_shape():
-    dense, pruned = layer_models(LAYER, 4, batch=2)
-    for model in (dense, pruned):
+    dense, grouped = layer_models(LAYER, 4, batch=2)
+    for model in (dense, grouped):
         onnx.checker.check_model(model, full_check=True)
-    feed = random_feed(dense)
-    assert run(dense, feed)[0].shape == run(pruned, feed)[0].shape == (2, 16, 4, 4)
-    assert [n.op_type for n in pruned.graph.node] == ["Conv", "Gather", "Conv", "Gather", "Conv"]
+    assert [n.op_type for n in grouped.graph.node] == ["Conv", "Conv", "Conv"]  # depthwise, grouped, depthwise
+    assert [node_attr(n, "group") for n in grouped.graph.node][1] == 4
+    assert run(dense, random_feed(dense))[0].shape == run(grouped, random_feed(grouped))[0].shape == (2, 16, 4, 4)
+    assert grouped.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 4 * LAYER.kept_per_group
 
 
-def test_layer_models_keep_only_the_gathers_fold_gathers_leaves(tmp_path):
+def test_the_gathers_left_are_charged_by_the_analytic_move_term(tmp_path):
+    measured = MeasuredCost(repeats=3, cache=tmp_path)
     folds = LayerPlan(**{**LAYER.__dict__, "input_folds": True, "output_sinks": True})
-    _, pruned = layer_models(folds, 2, batch=2)  # G * n = 16 <= Ci: the producer computes them
-    assert [n.op_type for n in pruned.graph.node] == ["Conv", "Conv", "Conv"]
-    assert run(pruned, random_feed(pruned))[0].shape == (2, 16, 4, 4)
-    _, wide = layer_models(folds, 4, batch=2)  # G * n = 32 > Ci: the input Gather stays
-    assert [n.op_type for n in wide.graph.node] == ["Conv", "Gather", "Conv", "Conv"]
-    measured = MeasuredCost(cache=tmp_path)
-    assert measured.key(folds, 2) != measured.key(LAYER, 2)
+    stays = measured.relative_time(LAYER, 2)  # neither Gather can go
+    assert measured.key(folds, 2) == measured.key(LAYER, 2) and measured.measured == 1  # the same grouped Conv
+    conv = measured.entries[measured.key(LAYER, 2)]
+    assert measured.relative_time(folds, 2) == pytest.approx(conv)  # G * n = 16 <= Ci: both Gathers fold
+    assert stays == pytest.approx(conv + measured.fallback.moves(LAYER, 2)) and stays > conv
 
 
 def test_measurements_are_cached_per_machine(tmp_path):
