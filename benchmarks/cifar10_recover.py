@@ -1,14 +1,15 @@
 """CIFAR-10 recovery: distillation fine-tuning after reconstruction, against a dense control.
 
     python benchmarks/cifar10_recover.py [--models resnet56]
-        [--variants gkp-auto,gkp-G8,l1-filter,dense] (also gkp-G16)
+        [--variants gkp-auto,gkp-G8,l1-filter,dense] (also gkp-G16, gkp-auto=L1-MACs)
         [--epochs 1,3,10] [--fraction 0.1] [--low-resource 0.01,0.1,1.0] [--low-resource-epochs 1] [--lr 1e-4]
 
 Real pretrained ResNets and the CIFAR-10 training set (JPEG copy, read as an image folder) from
 ../shared/data. Each pruned variant (ratio 0.4375) is first reconstructed on 1024 unlabeled
 training images (condition b), then fine-tuned with `gkp_onnx.recover` (KL to the dense teacher
 plus cross-entropy on the labels) for each epoch count on a seeded `--fraction` of the training
-images (condition c). The control (d) is the dense model fine-tuned the same way on the same
+images (condition c). gkp-auto=L1-MACs is auto G at the ratio that brings its MACs to L1's
+(as in cifar10.py). The control (d) is the dense model fine-tuned the same way on the same
 images (teacher = itself, so only the labels move it): it separates adaptation to JPEG from
 recovery from pruning. The low-resource study repeats (c) on 1%, 10%, 100% of the training
 images. Top-1 on the 932 exact-pixel test images and on the 10k JPEG test set. Every row goes
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cifar10 import RESULTS, SHARED, l1_filter, save_rows, test_sets, top1
+from cifar10 import RESULTS, SHARED, l1_filter, ratio_for_macs, save_rows, test_sets, top1
 from gkp_onnx import optimize
 from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.images import ImageSpec
@@ -89,9 +90,15 @@ def main() -> None:
             calib = load_dataset(train_dir, specs, images=CIFAR, limit=CALIB_IMAGES, seed=1)
             calib_path = Path(tmp) / "calib.npz"
             np.savez(calib_path, x=calib.inputs["input"])
+            def auto(ratio):
+                return optimize(dense, ratio=ratio, validate=False, calib=str(calib_path), reconstruct=True)[0]
+
+            def l1_macs() -> float:
+                return model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
+
             starts = {
-                "gkp-auto": lambda: optimize(dense, ratio=args.ratio, validate=False, calib=str(calib_path),
-                                             reconstruct=True)[0],
+                "gkp-auto": lambda: auto(args.ratio),
+                "gkp-auto=L1-MACs": lambda: auto(ratio_for_macs(dense, l1_macs())),
                 **{f"gkp-G{g}": lambda g=g: optimize(dense, ratio=args.ratio, groups=g, validate=False,
                                                      channel_multiple=1,  # the prior art's uniform setting
                                                      calib=str(calib_path), reconstruct=True)[0] for g in (8, 16)},
