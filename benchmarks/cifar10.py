@@ -88,6 +88,21 @@ def ratio_for_macs(dense: onnx.ModelProto, target: float, steps: int = 10) -> fl
     return high
 
 
+def l1_equal_macs_ratio(dense: onnx.ModelProto, ratio: float) -> float:
+    """The default-pipeline ratio whose model has the MACs of L1 filter pruning at `ratio`."""
+    specs = input_specs(dense)
+    l1_macs = model_stats(l1_filter(dense, ratio, None), specs).macs / model_stats(dense, specs).macs
+    return ratio_for_macs(dense, l1_macs)
+
+
+def timing_columns(timings, label: str) -> dict:
+    """The speed-up and median of `label` per batch beside the dense model's median (batch keys as
+    JSON stores them)."""
+    return {"speedup": {str(t.batch): t.speedup for t in timings if t.model == label},
+            "median_ms": {str(t.batch): t.median_ms for t in timings if t.model == label},
+            "dense_ms": {str(t.batch): t.median_ms for t in timings if t.model == "dense"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet56")
@@ -108,10 +123,7 @@ def main() -> None:
             rows.append({"model": name, "method": "dense", "images": 0, "mac_ratio": 1.0, "seconds": 0.0,
                          **{k: top1(dense, d) for k, d in evaluation.items()}})
             print(rows[-1], flush=True)
-            equal_macs_ratio = None
-            if "gkp-auto=L1-MACs" in methods:
-                l1_macs = model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
-                equal_macs_ratio = ratio_for_macs(dense, l1_macs)
+            equal_macs_ratio = l1_equal_macs_ratio(dense, args.ratio) if "gkp-auto=L1-MACs" in methods else None
             one_shot = {}
             for images in [0] + [int(i) for i in args.images.split(",") if i]:
                 calib_path = None
@@ -155,9 +167,7 @@ def time_variants(name: str, dense: onnx.ModelProto, models: dict[str, onnx.Mode
     for method in models:
         one_shot = next(r for r in rows if r["model"] == name and r["method"] == method and not r["images"])
         found.append({"model": name, "method": method, "mac_ratio": one_shot["mac_ratio"],
-                      "speedup": {str(t.batch): t.speedup for t in timings if t.model == method},
-                      "median_ms": {str(t.batch): t.median_ms for t in timings if t.model == method},
-                      "dense_ms": {str(t.batch): t.median_ms for t in timings if t.model == "dense"}})
+                      **timing_columns(timings, method)})
         print(found[-1], flush=True)
     found = save_rows("cifar10_latency", found, lambda r: (r["model"], r["method"]),
                       provider=describe_provider("cpu", 2))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cifar10 import RESULTS, SHARED, l1_filter, ratio_for_macs, save_rows, test_sets, top1
+from cifar10 import RESULTS, SHARED, l1_equal_macs_ratio, l1_filter, save_rows, test_sets, top1
 from gkp_onnx import optimize
 from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.images import ImageSpec
@@ -90,18 +90,17 @@ def main() -> None:
             calib = load_dataset(train_dir, specs, images=CIFAR, limit=CALIB_IMAGES, seed=1)
             calib_path = Path(tmp) / "calib.npz"
             np.savez(calib_path, x=calib.inputs["input"])
-            def auto(ratio):
-                return optimize(dense, ratio=ratio, validate=False, calib=str(calib_path), reconstruct=True)[0]
 
-            def l1_macs() -> float:
-                return model_stats(l1_filter(dense, args.ratio, None), specs).macs / dense_macs
+            def gkp(ratio: float, groups: int | None = None) -> onnx.ModelProto:
+                # a forced G is the prior art's uniform setting: no channel rounding (as in cifar10.py)
+                return optimize(dense, ratio=ratio, groups=groups, validate=False,
+                                channel_multiple="auto" if groups is None else 1,
+                                calib=str(calib_path), reconstruct=True)[0]
 
             starts = {
-                "gkp-auto": lambda: auto(args.ratio),
-                "gkp-auto=L1-MACs": lambda: auto(ratio_for_macs(dense, l1_macs())),
-                **{f"gkp-G{g}": lambda g=g: optimize(dense, ratio=args.ratio, groups=g, validate=False,
-                                                     channel_multiple=1,  # the prior art's uniform setting
-                                                     calib=str(calib_path), reconstruct=True)[0] for g in (8, 16)},
+                "gkp-auto": lambda: gkp(args.ratio),
+                "gkp-auto=L1-MACs": lambda: gkp(l1_equal_macs_ratio(dense, args.ratio)),
+                **{f"gkp-G{g}": lambda g=g: gkp(args.ratio, groups=g) for g in (8, 16)},
                 "l1-filter": lambda: l1_filter(dense, args.ratio, calib),
                 "dense": lambda: dense,
             }

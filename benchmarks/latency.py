@@ -35,7 +35,7 @@ from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
 from gkp_onnx.models.export import build, export
 from gkp_onnx.validate import Dataset, make_session, run_model
 
-from cifar10 import RESULTS, save_rows
+from cifar10 import RESULTS, save_rows, timing_columns
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-resnet-akamaster"
 BATCHES = {"resnet56": (1, 64), "resnet20": (1, 64), "resnet50": (1, 8), "vgg16": (1, 64)}
@@ -101,10 +101,8 @@ def main() -> None:
                            "pruned_layers": len(report.plan.layers) if label == "gkp" else None,
                            "optimize_s": optimize_s if label == "gkp" else None,
                            "groups": sorted({layer.group_count for layer in report.plan.layers}) if label == "gkp" else [1],
-                           "speedup": {t.batch: t.speedup for t in timings if t.model == label},
-                           "median_ms": {t.batch: t.median_ms for t in timings if t.model == label},
-                           "dense_ms": {t.batch: t.median_ms for t in timings if t.model == "dense"},
-                           "rounds": {t.batch: t.rounds for t in timings if t.model == label}}
+                           **timing_columns(timings, label),
+                           "rounds": {str(t.batch): t.rounds for t in timings if t.model == label}}
                     if name in ("resnet56", "resnet20"):
                         row["top1_dense"], row["top1"] = accuracy(dense, cifar), accuracy(model, cifar)
                     rows.append(row)

@@ -85,7 +85,7 @@ class OptimizeOptions:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
         multiple = self.channel_multiple
         if multiple != "auto" and (not isinstance(multiple, int) or multiple < 1):
-            raise GkpError(f"--channel-multiple must be a positive integer or 'auto', got {self.channel_multiple}")
+            raise GkpError(f"--channel-multiple must be a positive integer or 'auto', got {multiple}")
         if isinstance(self.cost_model, str) and self.cost_model not in COST_MODELS:
             raise GkpError(f"unknown --cost-model {self.cost_model!r} (choose from {', '.join(COST_MODELS)})")
         if self.groups is not None and self.groups < 1:
