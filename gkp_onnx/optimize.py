@@ -1,7 +1,7 @@
 """The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv [-> reconstruct]
-         -> fold_gathers -> nm_sparsify
+    load -> analyze [-> partition_streams] -> cluster -> choose_groups -> select_kernels
+         -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers -> nm_sparsify
          -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
@@ -30,6 +30,7 @@ from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT, AnalyticCpuCost, ChooseGroups, CostModel
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
+from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
 from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candidates, parse_nm
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -61,6 +62,7 @@ class OptimizeOptions:
     cost_model: CostModel | str | None = None  # "analytic" (default), "measured", or a CostModel
     gkp: bool = True  # False: skip Grouped Kernel Pruning (e.g. N:M only)
     fold: bool = True  # fold channel Gathers into their producing Convs
+    share_streams: bool = True  # offer the shared form to Convs reading residual streams / fan-outs (auto G only)
     cache: bool = True  # reuse clusterings from the on-disk cache (gkp_onnx.cache)
     reconstruct: bool = False  # refit the kept kernels on the calibration data (needs calib)
     bench_batches: list[int] = field(default_factory=list)  # measure input vs optimized latency
@@ -213,13 +215,15 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
 
 
 def _finishing_passes(opts: OptimizeOptions, reconstruct: Reconstruct | None) -> list:
-    return [RewriteConv()] + ([reconstruct] if reconstruct else []) + ([FoldGathers()] if opts.fold else [])
+    return [PermuteStreams(), RewriteConv()] + ([reconstruct] if reconstruct else []) \
+        + ([FoldGathers()] if opts.fold else [])
 
 
 def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions, patterns: list[re.Pattern],
                             reconstruct: Reconstruct | None) -> tuple[onnx.ModelProto, Plan]:
-    """analyze -> cluster -> choose_groups -> select_kernels -> rewrite_conv [-> reconstruct]
-    [-> fold_gathers], or the rewrite of a saved plan."""
+    """analyze [-> partition_streams] -> cluster -> choose_groups -> select_kernels, then the
+    finishing passes on the input model (permute_streams -> rewrite_conv [-> reconstruct]
+    [-> fold_gathers]); or those alone for a saved plan."""
     finish = _finishing_passes(opts, reconstruct)
     if opts.plan:
         return run_passes(finish, model, Plan.load(opts.plan))
@@ -229,12 +233,16 @@ def _grouped_kernel_pruning(model: onnx.ModelProto, specs, opts: OptimizeOptions
     run_passes([Analyze(specs, patterns, opts.include_stem, _channel_multiple(opts))], model, plan)
     if not plan.layers:
         return model, plan
+    analysed = model  # the decisions are made on the model with its channel spaces reordered
+    if opts.share_streams and opts.groups is None:
+        analysed, plan = run_passes([PartitionStreams(opts.seed)], model, plan)
     choose = ChooseGroups(_cost_model(opts), opts.speed_weight, opts.method, opts.seed,
                           never_slower=opts.groups is None)
     passes = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=choose.viable_group_counts,
                              cache=cache_dir() if opts.cache else None, method=opts.method),
               choose, SelectKernels(opts.method, opts.seed)]
-    return run_passes(passes + finish, model, plan)
+    _, plan = run_passes(passes, analysed, plan)
+    return run_passes(finish, model, plan)
 
 
 def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],

@@ -27,6 +27,7 @@ class Candidate:
     retained_importance: float  # share of the layer's weight energy (sum of W^2) kept
     relative_cost: float  # estimated latency of the pruned layer / dense layer
     score: float
+    shared: bool = False  # the shared form (partition_streams): kept sets are the component's blocks
 
 
 @dataclass
@@ -47,6 +48,11 @@ class LayerPlan:
     # MACs of the Conv the input Gather folds into (its input side pruned at the ratio when it is a
     # layer too), 0 when none: at G = 1 that Conv computes n of its Co filters, at G > 1 G * n.
     producer_macs: float = 0.0
+    # partition_streams: G of the shared partition of the component this Conv reads (0: none); its
+    # filters follow the blocks of the component it produces (`shared_output`); the form chosen.
+    shared_group_count: int = 0
+    shared_output: bool = False
+    shared: bool = False
     group_count: int | None = None
     groups: list[list[int]] | None = None
     kept_channels: list[list[int]] | None = None
@@ -96,6 +102,9 @@ class Plan:
     seed: int
     layers: list[LayerPlan] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    # partition_streams: per reordered channel space (named by a tensor of it), the new channel
+    # order (channel k = old channel order[k]), applied to the dense model before the rewrite.
+    permutations: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -105,6 +114,7 @@ class Plan:
             "seed": self.seed,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
+            "permutations": self.permutations,
         }
 
     @classmethod
@@ -117,6 +127,7 @@ class Plan:
             seed=data["seed"],
             layers=[LayerPlan.from_dict(layer) for layer in data["layers"]],
             skipped=[SkippedLayer(**s) for s in data.get("skipped", [])],
+            permutations=data.get("permutations", {}),
         )
 
     def save(self, path: str | Path) -> None:

@@ -13,10 +13,14 @@ R(G): retained importance, the share of the layer's weight energy sum(W^2) held 
       the selection method keeps with G groups (larger G = more freedom = more kept).
 T(G): the cost model's estimate of the pruned layer's latency relative to the dense layer.
 The highest score wins; a candidate within 1e-9 of it with a smaller G wins instead (the smaller
-G is simpler and never slower). speed_weight = 0 picks the most accurate form; a large
+G is simpler and never slower; of equal G, the free selection). speed_weight = 0 picks the most accurate form; a large
 speed_weight picks the fastest. With `never_slower` (the automatic choice), candidates the cost
 model puts at or above the dense layer's time (T >= 1) are not considered, and a layer with no
 other candidate stays dense (it moves to `plan.skipped`): a pruned layer must pay for itself.
+
+A layer reading a channel space that partition_streams reordered (`shared_group_count`) has one
+more candidate in the automatic choice, the shared form: G groups reading the space's blocks,
+no Gather (its cost: `shared_view`), its R lower than a free selection's.
 
 Candidates that cannot win are not clustered at all: whatever the grouping, each filter keeps n
 of its Ci kernels, so R(G) <= R_max = share of energy in every filter's n strongest kernels, and
@@ -38,6 +42,7 @@ from onnx import numpy_helper
 
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Candidate, LayerPlan, Plan, SkippedLayer
+from gkp_onnx.passes.partition_streams import shared_blocks, shared_groups, shared_view
 from gkp_onnx.passes.select_kernels import retained_importance, select
 
 DEFAULT_SPEED_WEIGHT = 0.25
@@ -169,6 +174,13 @@ class ChooseGroups(Pass):
         cost = self.cost_model.relative_time(layer, group_count)
         return Candidate(group_count, retained, cost, retained - self.speed_weight * cost)
 
+    def _evaluate_shared(self, layer: LayerPlan, weight: np.ndarray) -> Candidate:
+        """The shared form (partition_streams): the component's blocks as kept sets, no Gather."""
+        groups = shared_groups(layer, weight)
+        retained = retained_importance(weight, groups, shared_blocks(layer))
+        cost = self.cost_model.relative_time(shared_view(layer), layer.shared_group_count)
+        return Candidate(layer.shared_group_count, retained, cost, retained - self.speed_weight * cost, shared=True)
+
     def viable_group_counts(self, layer: LayerPlan, weight: np.ndarray, counts: list[int]) -> list[int]:
         """The counts whose best possible score reaches the score of G = 1 (others cannot win)."""
         if 1 not in counts or len(counts) == 1:
@@ -189,6 +201,8 @@ class ChooseGroups(Pass):
             weight = numpy_helper.to_array(weights[layer.weight])
             layer.candidates = [self._evaluate(layer, weight, g, groups)
                                 for g, groups in sorted(layer.candidate_groups.items())]
+            if layer.shared_group_count and self.never_slower:
+                layer.candidates.append(self._evaluate_shared(layer, weight))
             if not layer.candidates:
                 raise PassContractError(f"choose_groups: no candidate for layer {layer.node}")
             pool = [c for c in layer.candidates if c.relative_cost < 1.0 or not self.never_slower]
@@ -198,9 +212,9 @@ class ChooseGroups(Pass):
                                                                      f"slower than the dense Conv (best {fastest:.2f}x its time)"))
                 continue
             best = max(c.score for c in pool)
-            chosen = min(c.group_count for c in pool if c.score >= best - 1e-9)
-            layer.group_count = chosen
-            layer.groups = layer.candidate_groups[chosen]
+            chosen = min((c for c in pool if c.score >= best - 1e-9), key=lambda c: (c.group_count, c.shared))
+            layer.group_count, layer.shared = chosen.group_count, chosen.shared
+            layer.groups = shared_groups(layer, weight) if chosen.shared else layer.candidate_groups[chosen.group_count]
             kept.append(layer)
         plan.layers = kept
         return PassResult(model, plan, modified=False)

@@ -94,8 +94,8 @@ class FoldGathers(Pass):
         Gathers in between. `indices`: chain_index of the chain, then the one for `top`."""
         for node, node_index in zip(chain, indices):
             if node.op_type != "Gather":
-                self._reindex_params(model, node, node_index, initializers)
-        _take_rows(model, top, indices[-1], initializers)
+                reindex_params(model, node, node_index, initializers)
+        take_rows(model, top, indices[-1], initializers)
         # rewire: drop the Gathers strictly inside the chain, then the folded Gather itself
         for node in [n for n in chain if n.op_type == "Gather"]:
             for reader in model.graph.node:
@@ -121,9 +121,9 @@ class FoldGathers(Pass):
                 continue
             inverse = np.argsort(index)  # channel j of the Gather's input is read at position inverse[j]
             for node in chain:
-                self._reindex_params(model, node, inverse, initializers)
+                reindex_params(model, node, inverse, initializers)
             axis = reduction_axis(consumer, len(initializers[consumer.input[1]].dims))  # the input-channel axis
-            _replace(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
+            replace_initializer(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
             (chain[0] if chain else consumer).input[0] = gather.input[0]
             graph.node.remove(gather)
             _drop_unread(model)
@@ -134,21 +134,22 @@ class FoldGathers(Pass):
         """Let grouped `top` compute only the filters in `keep`; `gather` then reads them with `index`
         (and disappears when that is the identity)."""
         for node in chain:
-            self._reindex_params(model, node, keep, initializers)
-        _take_rows(model, top, keep, initializers)
+            reindex_params(model, node, keep, initializers)
+        take_rows(model, top, keep, initializers)
         if np.array_equal(index, np.arange(len(keep))):
             _bypass(model, gather, chain[0] if chain else top)
         else:
-            _replace(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
+            replace_initializer(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
         _drop_unread(model)
 
-    def _reindex_params(self, model, node, index, initializers) -> None:
-        if node.op_type == "BatchNormalization":
-            for slot in range(1, 5):
-                _replace(model, initializers, node.input[slot], lambda v: v[index], node, slot)
-        elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
-            if _channel_constant(node.input[1], initializers) == "per_channel":
-                _replace(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
+def reindex_params(model, node, index, initializers) -> None:
+    """Re-index the per-channel parameters of a per-channel `node` by `index` (channel axis)."""
+    if node.op_type == "BatchNormalization":
+        for slot in range(1, 5):
+            replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+    elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
+        if _channel_constant(node.input[1], initializers) == "per_channel":
+            replace_initializer(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
 
 
 def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
@@ -271,7 +272,7 @@ def _channel_constant(name, initializers) -> str | None:
     return None
 
 
-def _replace(model, initializers, name, transform, node, slot) -> None:
+def replace_initializer(model, initializers, name, transform, node, slot) -> None:
     """Transform the initializer `node` reads at `slot`; a shared one gets a private copy instead."""
     values = transform(numpy_helper.to_array(initializers[name]))
     readers = sum(name == i for n in model.graph.node for i in n.input)
@@ -284,12 +285,12 @@ def _replace(model, initializers, name, transform, node, slot) -> None:
     node.input[slot] = new_name
 
 
-def _take_rows(model, node, index, initializers) -> None:
+def take_rows(model, node, index, initializers) -> None:
     """Re-index what makes `node`'s output channels by `index` on axis 0: a Conv's weight and bias,
     or a Gather's indices."""
     for slot in range(1, 3 if node.op_type == "Conv" else 2):
         if slot < len(node.input) and node.input[slot]:
-            _replace(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+            replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
 
 
 def _bypass(model, gather, last) -> None:

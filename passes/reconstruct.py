@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from gkp_onnx.graph_stats import node_attr
+from gkp_onnx.passes.partition_streams import permuted
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.validate import Dataset, batches, make_session
@@ -84,11 +85,12 @@ class Reconstruct(Pass):
             raise PassContractError("reconstruct needs the grouped Convs made by rewrite_conv")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        original_nodes = {n.name: n for n in self.original.graph.node}
+        original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         producers = {o: n for n in model.graph.node for o in n.output}
         initializers = {t.name: t for t in model.graph.initializer}
-        pruned, reference = Activations(model, self.data), Activations(self.original, self.data)
+        original = permuted(self.original, plan.permutations) if plan.permutations else self.original
+        pruned, reference = Activations(model, self.data), Activations(original, self.data)
         for layer in sorted(plan.layers, key=lambda l: order[l.grouped_node]):
             conv = next(n for n in model.graph.node if n.name == layer.grouped_node)
             source, index = conv.input[0], np.arange(layer.group_count * layer.kept_per_group)
@@ -198,7 +200,7 @@ class ReconstructNm(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         order = {n.name: i for i, n in enumerate(model.graph.node)}
-        original_nodes = {n.name: n for n in self.original.graph.node}
+        original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
         original_weights = {t.name: t for t in self.original.graph.initializer}
         sparse, dense = Activations(model, self.data), Activations(self.original, self.data)
         for name in sorted(self.layers, key=order.__getitem__):

@@ -2,7 +2,10 @@
 
 Before: every layer has `group_count` and `groups` (choose_groups).
 After:  the model is unchanged; every layer has `kept_channels` (G sorted lists of n distinct
-        input channels, n = kept_per_group) and `retained_importance`.
+        input channels, n = kept_per_group) and `retained_importance`. A layer in the shared
+        form (partition_streams) keeps its component's blocks, and its filter groups are redone
+        so that the filters a later layer reads (its Gather folding into this one) are spread
+        evenly over the groups: the layer then computes only those.
 
 The grouped kernel of group g on input channel j is the vector K[g, j] = W[F_g, j] (d*kh*kw
 numbers). LeanFlex scoring combines two signals, each normalised by its mean over the group:
@@ -37,6 +40,9 @@ import onnx
 from onnx import numpy_helper
 from scipy.spatial.distance import cdist
 
+from gkp_onnx.graph_stats import graph_index
+from gkp_onnx.passes.fold_gathers import walk_to_producer
+from gkp_onnx.passes.partition_streams import shared_blocks, shared_groups
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Plan
 
@@ -188,6 +194,21 @@ def retained_importance(weight: np.ndarray, groups: list[list[int]], kept: list[
     return float(kept_energy / total)
 
 
+def read_outputs(model: onnx.ModelProto, plan: Plan) -> dict[str, list[int]]:
+    """Per layer whose outputs a later layer's Gather folds into (fold_gathers), the sorted
+    output channels that layer reads."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers, _, readers, outputs = graph_index(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    read = {}
+    for layer in plan.layers:
+        if layer.input_folds and layer.kept_channels is not None:
+            top = walk_to_producer(nodes[layer.node].input[0], producers, readers, outputs, initializers)[0]
+            if top is not None:
+                read[top.name] = sorted({c for kept in layer.kept_channels for c in kept})
+    return read
+
+
 def _normalised(values: np.ndarray) -> np.ndarray:
     mean = values.mean(axis=1, keepdims=True)
     return values / np.where(mean > 0, mean, 1.0)
@@ -207,9 +228,17 @@ class SelectKernels(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         weights = {t.name: t for t in model.graph.initializer}
         for layer in plan.layers:
-            weight = numpy_helper.to_array(weights[layer.weight])
-            layer.kept_channels = select(weight, layer.groups, layer.kept_per_group, self.method, self.seed)
-            layer.retained_importance = retained_importance(weight, layer.groups, layer.kept_channels)
+            if not layer.shared:
+                weight = numpy_helper.to_array(weights[layer.weight])
+                layer.kept_channels = select(weight, layer.groups, layer.kept_per_group, self.method, self.seed)
+                layer.retained_importance = retained_importance(weight, layer.groups, layer.kept_channels)
+        needed = read_outputs(model, plan)
+        for layer in plan.layers:  # the shared form: blocks; filters spread so that later Gathers fold
+            if layer.shared:
+                weight = numpy_helper.to_array(weights[layer.weight])
+                layer.groups = shared_groups(layer, weight, needed.get(layer.node))
+                layer.kept_channels = shared_blocks(layer)
+                layer.retained_importance = retained_importance(weight, layer.groups, layer.kept_channels)
         return PassResult(model, plan, modified=False)
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:

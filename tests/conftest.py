@@ -8,6 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from gkp_onnx.passes.partition_streams import permuted
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -38,9 +40,9 @@ def random_feed(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[s
 
 
 def masked_reference(model: onnx.ModelProto, plan) -> onnx.ModelProto:
-    """The original graph with every pruned grouped kernel set to zero in the dense weight."""
-    reference = onnx.ModelProto()
-    reference.CopyFrom(model)
+    """The original graph (its channel spaces reordered as the plan says) with every pruned
+    grouped kernel set to zero in the dense weight."""
+    reference = permuted(model, plan.permutations)
     layers = {layer.weight: layer for layer in plan.layers}
     for init in reference.graph.initializer:
         if init.name in layers:
