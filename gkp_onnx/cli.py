@@ -93,6 +93,9 @@ def _add_pruning(parser: argparse.ArgumentParser) -> None:
                        help="from K channels up, keep a multiple of K per layer (1: no rounding; auto, the "
                             "default: onnxruntime CPU's NCHWc block, 16 with AVX512, 8 with AVX2); the ratio "
                             "holds over the model, not per layer")
+    group.add_argument("--no-share-streams", dest="share_streams", action="store_false",
+                       help="auto: do not offer Convs reading a residual stream or fan-out tensor the shared "
+                            "channel partition (G = Ci / n, no Gather; the stream's channels are reordered)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
     group.add_argument("--no-cache", dest="cache", action="store_false",
@@ -113,7 +116,8 @@ def _options(args: argparse.Namespace) -> dict:
     return dict(ratio=args.ratio, groups=args.groups, method=args.method, exclude=args.exclude,
                 include_stem=args.include_stem, min_group_width=args.min_group_width,
                 channel_multiple=args.channel_multiple, cost_model=args.cost_model,
-                speed_weight=args.speed_weight, seed=args.seed, gkp=args.gkp, cache=args.cache, nm=args.nm, nm_conv=args.nm_conv,
+                speed_weight=args.speed_weight, share_streams=args.share_streams, seed=args.seed, gkp=args.gkp,
+                cache=args.cache, nm=args.nm, nm_conv=args.nm_conv,
                 nm_include_head=args.nm_include_head, nm_permute=args.nm_permute,
                 input_shapes=dict(getattr(args, "input_shape", [])),
                 thresholds=Thresholds(getattr(args, "max_abs_diff", None), getattr(args, "min_cosine", None),

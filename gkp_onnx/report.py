@@ -48,7 +48,7 @@ class Report:
             "after": self.after.to_dict(),
             "layers": [
                 {"node": layer.node, "out_channels": layer.out_channels, "in_channels": layer.in_channels,
-                 "kernel_shape": layer.kernel_shape, "group_count": layer.group_count,
+                 "kernel_shape": layer.kernel_shape, "group_count": layer.group_count, "shared": layer.shared,
                  "kept_per_group": layer.kept_per_group, "macs_before": layer.macs,
                  "macs_after": layer.pruned_macs, "retained_importance": layer.retained_importance}
                 for layer in self.plan.layers],
@@ -85,11 +85,15 @@ class Report:
             for layer in self.plan.layers[:max_layers]:
                 kernel = "x".join(map(str, layer.kernel_shape))
                 retained = f"{layer.retained_importance:.3f}" if layer.retained_importance is not None else "-"
+                groups = f"{layer.group_count}{'s' if layer.shared else ''}"
                 lines.append(f"{layer.node:<{width}}  {layer.out_channels:>5} {layer.in_channels:>5} {kernel:>6} "
-                             f"{layer.group_count:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
+                             f"{groups:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
                              f"{_si(layer.pruned_macs):>9} {retained:>8}")
             if len(self.plan.layers) > max_layers:
                 lines.append(f"... {len(self.plan.layers) - max_layers} more layers (see --report)")
+            if any(layer.shared for layer in self.plan.layers):
+                lines.append(f"Gs: the shared form: the {len(self.plan.permutations)} reordered residual stream(s) / "
+                             f"fan-out(s) read block by block, no Gather")
         for skipped in self.plan.skipped:
             lines.append(f"skipped {skipped.node}: {skipped.reason}")
         if self.nm is not None:

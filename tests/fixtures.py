@@ -158,6 +158,36 @@ def classifier() -> onnx.ModelProto:
     return b.build(b.op("Gemm", [flat, b.weight("head.weight", [10, 16]), b.weight("head.bias", [10])], transB=1))
 
 
+def residual_stream(width: int = 16) -> onnx.ModelProto:
+    """Two bottleneck stages as in ResNet-50: a `width`-channel stream (two identity blocks), then
+    a stride-2 block whose projection shortcut starts a 2*`width`-channel stream, closed by a
+    squeeze-excite Mul and GlobalAveragePool -> Flatten -> Gemm. The streams are read by several
+    Convs and added to: their GKP Gathers cannot fold into a producer."""
+    b = GraphBuilder()
+
+    def bn(x):
+        channels = b.channels[x]
+        params = [b.weight(f"{x}.bn.{p}", [channels]) for p in ("scale", "bias", "mean")]
+        b.inits.append(numpy_helper.from_array(np.linspace(0.5, 2.0, channels).astype(np.float32), f"{x}.bn.var"))
+        return b.op("BatchNormalization", [x, *params, f"{x}.bn.var"])
+
+    def block(x, width, out, stride=1):
+        y = b.op("Relu", [b.conv(x, width, kernel=1)])
+        y = b.op("Relu", [b.conv(y, width, strides=[stride, stride])])
+        y = bn(b.conv(y, out, kernel=1))
+        shortcut = x if stride == 1 else bn(b.conv(x, out, kernel=1, strides=[2, 2]))
+        return b.op("Relu", [b.op("Add", [y, shortcut])])
+
+    stream = b.op("Relu", [bn(b.conv("x", width))])
+    stream = block(block(stream, width // 2, width), width // 2, width)
+    stream = block(block(stream, width, 2 * width, stride=2), width, 2 * width)
+    squeeze = b.op("Relu", [b.conv(b.op("GlobalAveragePool", [stream]), width // 2, kernel=1)])
+    stream = b.op("Mul", [stream, b.op("Sigmoid", [b.conv(squeeze, 2 * width, kernel=1)])])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [stream])])
+    head = [b.weight("head.weight", [10, 2 * width]), b.weight("head.bias", [10])]
+    return b.build(b.op("Gemm", [flat, *head], transB=1))
+
+
 def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
@@ -167,4 +197,5 @@ TOPOLOGIES = {
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
     "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
+    "residual_stream": residual_stream,
 }

@@ -10,6 +10,7 @@ from gkp_onnx.graph_stats import ensure_node_names, input_specs
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.choose_groups import AnalyticCpuCost, ChooseGroups, max_retained_importance
 from gkp_onnx.passes.cluster import ClusterFilters
+from gkp_onnx.passes.partition_streams import shared_view
 from gkp_onnx.passes.select_kernels import keep_top, kernel_scores, retained_importance
 from gkp_onnx.plan import LayerPlan, Plan
 
@@ -106,6 +107,28 @@ def test_unfoldable_gathers_are_charged_and_a_1x1_conv_on_a_residual_stream_stay
     b = GraphBuilder(in_channels=256, size=4)
     with pytest.raises(GkpError, match="kept dense: every group count is estimated slower than the dense Conv"):
         optimize(b.build(b.conv("x", 64, kernel=1)), ratio=0.5, validate=False)
+
+
+def test_the_shared_form_of_a_stream_reader_costs_no_gather_and_wins_where_the_gather_would_not_pay():
+    shape = dict(node="c", weight="w", out_channels=64, in_channels=256, kernel_shape=[1, 1], macs=1,
+                 kept_per_group=128, producer_macs=3.0)
+    cost = AnalyticCpuCost()
+    stream = LayerPlan(**shape, shared_group_count=2, output_sinks=True)
+    view = shared_view(stream)  # no input Gather, no producer pruned: the grouped Conv's compute alone
+    assert cost.relative_time(view, 2) == pytest.approx(0.5 / cost.efficiency(32))
+    assert cost.relative_time(stream, 1) > 1.0 > cost.relative_time(view, 2)
+    projection = LayerPlan(**shape, shared_group_count=2, shared_output=True)  # its filters follow the next blocks
+    assert cost.moves(shared_view(projection), 2) == 0.0 < cost.moves(projection, 2)
+    choose = ChooseGroups(cost, never_slower=True)
+    weight = np.random.default_rng(0).standard_normal((64, 256, 1, 1))
+    stream.candidate_groups = {1: [list(range(64))]}
+    plan = Plan(ratio=0.5, method="leanflex", seed=0, layers=[stream])
+    b = GraphBuilder(in_channels=256, size=4)
+    b.inits.append(numpy_helper.from_array(weight.astype(np.float32), "w"))
+    choose(b.build(), plan)
+    assert stream.shared and stream.group_count == 2
+    assert [c.shared for c in stream.candidates] == [False, True]
+    assert sorted(f for group in stream.groups for f in group) == list(range(64))
 
 
 def test_nchwc_block_pads_channel_counts_and_sends_unaligned_grouped_convs_to_the_slow_path():

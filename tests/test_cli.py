@@ -162,3 +162,18 @@ def test_channel_multiple_takes_auto_or_a_positive_integer(model_path, tmp_path,
     assert exited.value.code == 2 and len(err) == 1
     assert err[0] == ("gkp-onnx optimize: error: argument --channel-multiple: expected a positive integer or "
                       "'auto', got '0' (see gkp-onnx optimize -h)")
+
+
+def test_shared_streams_show_in_the_report_and_can_be_turned_off(tmp_path, capsys):
+    from fixtures import residual_stream
+
+    path = tmp_path / "stream.onnx"
+    onnx.save(residual_stream(128), path)
+    assert main(["optimize", str(path), str(tmp_path / "shared.onnx"), "--ratio", "0.5"]) == 0
+    table = capsys.readouterr().out
+    assert "   2s " in table and "the shared form: the 2 reordered residual stream(s)" in table
+    assert main(["optimize", str(path), str(tmp_path / "plain.onnx"), "--ratio", "0.5", "--no-share-streams"]) == 0
+    assert "2s" not in capsys.readouterr().out
+    gathers = [sum(n.op_type == "Gather" for n in onnx.load(tmp_path / f"{name}.onnx").graph.node)
+               for name in ("shared", "plain")]
+    assert gathers[0] < gathers[1]
