@@ -7,6 +7,8 @@ Per model and ratio: GKP with the default pipeline (auto group count, Gathers fo
 filter pruning built from the same passes, timed interleaved with the dense model (bench.py:
 warm-up, then A B C A B C ..., medians; at least --repeats rounds, more until they last --min-time
 seconds: a 1 ms model needs thousands of calls for a median the machine's noise does not move).
+Where GKP gives stream readers the shared form (partition_streams), the same GKP without it
+(--no-share-streams) is timed in the same rounds as `gkp-unshared`.
 Columns: MAC ratio, ideal speed-up (1 / MAC ratio), measured speed-up, measured / ideal, Gathers
 left, and for the CIFAR models the one-shot top-1 on the 500 carried exact-pixel test images (no
 recovery). ResNet-56/20 use the real pretrained
@@ -90,17 +92,24 @@ def main() -> None:
                                        cost_model=args.cost_model, bench_threads=args.threads)
                 optimize_s = time.perf_counter() - start
                 l1, _ = l1_filter_pruning(dense, ratio)
-                variants = {"gkp": gkp, "l1-filter": l1}
-                timings = bench([dense, gkp, l1], names=["dense", "gkp", "l1-filter"], batches=BATCHES[name],
+                variants, reports = {"gkp": gkp}, {"gkp": report}
+                if any(layer.shared for layer in report.plan.layers):  # the same without the shared form
+                    variants["gkp-unshared"], reports["gkp-unshared"] = optimize(
+                        dense, ratio=ratio, validate=False, channel_multiple=multiple, cost_model=args.cost_model,
+                        bench_threads=args.threads, share_streams=False)
+                variants["l1-filter"] = l1
+                timings = bench([dense, *variants.values()], names=["dense", *variants], batches=BATCHES[name],
                                 threads=args.threads, repeats=args.repeats, min_time_s=args.min_time)
                 for label, model in variants.items():
+                    plan = reports[label].plan if label in reports else None
                     mac_ratio = model_stats(model, specs).macs / dense_macs
                     row = {"model": name, "ratio": ratio, "variant": label, "mac_ratio": mac_ratio,
                            "ideal": 1 / mac_ratio,
                            "gathers": sum(n.op_type == "Gather" for n in model.graph.node),
-                           "pruned_layers": len(report.plan.layers) if label == "gkp" else None,
+                           "pruned_layers": len(plan.layers) if plan else None,
                            "optimize_s": optimize_s if label == "gkp" else None,
-                           "groups": sorted({layer.group_count for layer in report.plan.layers}) if label == "gkp" else [1],
+                           "groups": sorted({layer.group_count for layer in plan.layers}) if plan else [1],
+                           "shared_layers": sum(layer.shared for layer in plan.layers) if plan else 0,
                            **timing_columns(timings, label),
                            "rounds": {str(t.batch): t.rounds for t in timings if t.model == label}}
                     if name in ("resnet56", "resnet20"):
@@ -130,7 +139,8 @@ def markdown(rows: list[dict], args) -> str:
         speed = ", ".join(f"{s:.2f}x (b{b})" for b, s in r["speedup"].items())
         share = ", ".join(f"{s * r['mac_ratio']:.2f}" for s in r["speedup"].values())
         top1 = f"{100 * r['top1']:.1f}% (dense {100 * r['top1_dense']:.1f}%)" if "top1" in r else "-"
-        lines.append(f"| {r['model']} | {r['ratio']} | {r['variant']} | {','.join(map(str, r['groups']))} | "
+        groups = ",".join(map(str, r["groups"])) + (f" ({r['shared_layers']} shared)" if r.get("shared_layers") else "")
+        lines.append(f"| {r['model']} | {r['ratio']} | {r['variant']} | {groups} | "
                      f"{r['mac_ratio']:.3f} | {r['ideal']:.2f}x | {speed} | {share} | {r['gathers']} | {top1} |")
     return "\n".join(lines) + "\n"
 

@@ -54,6 +54,7 @@ import onnx
 from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 
+from gkp_onnx.errors import GkpError
 from gkp_onnx.graph_stats import node_attr
 from gkp_onnx.passes.fold_gathers import BINARY_PER_CHANNEL, is_per_channel, reindex_params, replace_initializer, \
     take_rows
@@ -203,7 +204,8 @@ def permuted(model: onnx.ModelProto, permutations: dict[str, list[int]]) -> onnx
     for key, order in permutations.items():
         component = next((c for c in components(result) if key in c.tensors), None)
         if component is None or component.channels != len(order):
-            raise PassContractError(f"the plan reorders the channels of '{key}', which this model cannot")
+            raise GkpError(f"the plan reorders the channels of '{key}', which this model cannot "
+                           f"(a plan made for another model?)")
         reorder(result, component, np.asarray(order, dtype=np.int64))
     return result
 

@@ -11,6 +11,7 @@ from conftest import masked_reference, random_feed, run
 from fixtures import TOPOLOGIES, concat, graph_output_inside, residual, residual_stream
 
 from gkp_onnx import optimize
+from gkp_onnx.errors import GkpError
 from gkp_onnx.passes.partition_streams import (balanced_assign, block_sums, components, permuted, reorder,
                                               shared_partition)
 from gkp_onnx.plan import Plan
@@ -158,6 +159,13 @@ def test_a_saved_plan_replays_the_reordering(shared, tmp_path):
     replayed, _ = optimize(model, plan=str(tmp_path / "plan.json"))
     feed = random_feed(model)
     np.testing.assert_array_equal(run(replayed, feed)[0], run(optimized, feed)[0])
+
+
+def test_a_plan_reordering_what_the_model_lacks_is_a_one_line_error(shared, tmp_path):
+    _, _, report = shared
+    report.plan.save(tmp_path / "plan.json")
+    with pytest.raises(GkpError, match="the plan reorders the channels of 'conv1', which this model cannot"):
+        optimize(residual_stream(64), plan=str(tmp_path / "plan.json"))
 
 
 def test_reconstruction_targets_the_reordered_reference(tmp_path):
