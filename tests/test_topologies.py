@@ -13,6 +13,7 @@ from conftest import masked_reference, random_feed, run
 from fixtures import TOPOLOGIES
 
 from gkp_onnx import optimize
+from gkp_onnx.passes.choose_groups import gathers_left
 
 PRUNABLE = [name for name in TOPOLOGIES if name not in ("depthwise", "shared_weight")]
 
@@ -79,3 +80,22 @@ def test_fp16_weights_stay_fp16():
     conv_weights = {n.input[1] for n in optimized.graph.node if n.op_type == "Conv"}
     dtypes = {t.data_type for t in optimized.graph.initializer if t.name in conv_weights}
     assert dtypes == {onnx.TensorProto.FLOAT16}
+
+
+class PreferNoGather:
+    """A cost model under which any form without an input Gather wins: the shared form wherever offered."""
+
+    def relative_time(self, layer, group_count):
+        return 0.5 + 0.4 * gathers_left(layer, group_count)[0]
+
+
+@pytest.mark.parametrize("topology", PRUNABLE)
+def test_shared_form_is_exact_on_every_topology(topology):
+    model = TOPOLOGIES[topology]()
+    optimized, report = optimize(model, ratio=0.5, min_group_width=1, cost_model=PreferNoGather(), speed_weight=10.0)
+    onnx.checker.check_model(optimized, full_check=True)
+    if topology in ("fan_out", "residual_stream"):
+        assert any(layer.shared for layer in report.plan.layers) and report.plan.permutations
+    feed = random_feed(model)
+    for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(optimized, feed)):
+        np.testing.assert_allclose(actual, expected, **tolerance(model))
