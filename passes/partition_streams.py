@@ -101,7 +101,7 @@ def components(model: onnx.ModelProto) -> list[Component]:
             name = parent[name]
         return name
 
-    joined = set()
+    joined = set()  # id() of the nodes inside channel spaces
     for node in graph.node:
         if is_per_channel(node, initializers):
             tensors = [node.input[0], node.output[0]]
@@ -110,7 +110,7 @@ def components(model: onnx.ModelProto) -> list[Component]:
             tensors = [*node.input, node.output[0]]
         else:
             continue
-        joined.add(node.name)
+        joined.add(id(node))
         for name in tensors[1:]:
             parent[root(name)] = root(tensors[0])
     members: dict[str, set[str]] = {}
@@ -119,31 +119,30 @@ def components(model: onnx.ModelProto) -> list[Component]:
     for node in graph.node:  # every Conv output starts a channel space, joined or not
         if node.op_type == "Conv" and node.output[0] not in parent:
             members[node.output[0]] = {node.output[0]}
-    found = [_checked(tensors, producers, readers, joined, initializers, model) for tensors in members.values()]
-    order = {node.name: i for i, node in enumerate(graph.node)}
-    return sorted((c for c in found if c is not None), key=lambda c: order[c.producers[0].name])
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    outside = {v.name for v in graph.output} | {v.name for v in graph.input}
+    found = [_checked(tensors, producers, readers, joined, initializers, order, outside) for tensors in members.values()]
+    return sorted((c for c in found if c is not None), key=lambda c: order[id(c.producers[0])])
 
 
-def _checked(tensors, producers, readers, joined, initializers, model) -> Component | None:
-    """The component of `tensors`, None when it cannot be reordered."""
-    outside = {v.name for v in model.graph.output} | {v.name for v in model.graph.input}
+def _checked(tensors, producers, readers, joined, initializers, order, outside) -> Component | None:
+    """The component of `tensors`, None when it cannot be reordered (`order`: node id -> position)."""
     component = Component(tensors=tensors)
     widths = []
     inner = {}
-    order = {node.name: i for i, node in enumerate(model.graph.node)}
-    for tensor in sorted(tensors, key=lambda t: (order[producers[t].name] if t in producers else -1, t)):
+    for tensor in sorted(tensors, key=lambda t: (order[id(producers[t])] if t in producers else -1, t)):
         node = producers.get(tensor)
         if tensor in outside or tensor in initializers or node is None:
             return None
-        if node.name in joined:
-            inner[node.name] = node
+        if id(node) in joined:
+            inner[id(node)] = node
         elif _plain_conv(node, initializers, rows=True):
             component.producers.append(node)
             widths.append(initializers[node.input[1]].dims[0])
         else:
             return None
         for reader in readers.get(tensor, []):
-            if reader.name in joined:
+            if id(reader) in joined:
                 continue
             if _plain_conv(reader, initializers) and reader.input[0] == tensor and tensor not in reader.input[1:]:
                 component.consumers.append(reader)
@@ -157,8 +156,8 @@ def _checked(tensors, producers, readers, joined, initializers, model) -> Compon
     if not component.producers or len(set(widths)) != 1:
         return None
     component.channels = widths[0]
-    component.inner = sorted(inner.values(), key=lambda node: order[node.name])
-    component.consumers.sort(key=lambda node: order[node.name])
+    component.inner = sorted(inner.values(), key=lambda node: order[id(node)])
+    component.consumers.sort(key=lambda node: order[id(node)])
     return component
 
 
