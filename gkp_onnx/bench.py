@@ -73,13 +73,16 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
         sessions = [make_session(m, provider, threads, spinning=False) for m in loaded]
         for batch in batches:
             feeds = [random_dataset(s, seed, batch=batch).inputs for s in specs]
-            round_s = 0.0  # one interleaved round, from each model's last warm-up call
+            # one interleaved round, from each model's fastest warm-up call (a slow outlier
+            # would cut the rounds short of min_time_s)
+            round_s = 0.0
             for session, feed in zip(sessions, feeds):
+                fastest = math.inf
                 for _ in range(max(1, warmup)):
                     start = time.perf_counter()
                     session.run(None, feed)
-                    last = time.perf_counter() - start
-                round_s += last
+                    fastest = min(fastest, time.perf_counter() - start)
+                round_s += fastest
             rounds = max(repeats, math.ceil(min_time_s / round_s)) if round_s > 0 else repeats
             times = np.zeros((len(sessions), rounds))
             for r in range(rounds):
