@@ -71,7 +71,7 @@ def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, li
                 dim.Clear()
                 dim.dim_value = size
     try:
-        inferred = onnx.shape_inference.infer_shapes(_fold_constants(skeleton), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(fold_constants(skeleton), strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types here; any of them means: no shapes
         raise GkpError(f"onnx shape inference failed: {str(exc).splitlines()[0][:300]}") from None
     shapes: dict[str, list[int]] = {}
@@ -96,7 +96,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate constant subgraphs (exporters compute pads and shapes with them) so that shape
     inference sees their values; tensor names are kept, so the shapes map back to `model`."""
     graph = gs.import_onnx(model)

@@ -1,6 +1,6 @@
 """The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> analyze [-> partition_streams] -> cluster -> choose_groups -> select_kernels
+    load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups -> select_kernels
          -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers -> nm_sparsify
          -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
@@ -35,6 +35,7 @@ from gkp_onnx.passes.nm_sparsify import NM_OPS, NmResult, NmSparsify, nm_candida
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SELECTION_METHODS, SelectKernels
+from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,11 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     start = time.perf_counter()
     source = str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
     original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    working = onnx.ModelProto()
-    working.CopyFrom(original)
-    ensure_node_names(working)
-    specs = input_specs(working, opts.input_shapes)
+    given = onnx.ModelProto()  # the input as given (node names filled in): the reference of every comparison
+    given.CopyFrom(original)
+    ensure_node_names(given)
+    working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
+    specs = input_specs(given, opts.input_shapes)
     data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
     timings["load"] = time.perf_counter() - start
 
@@ -135,7 +137,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     latency = None
     if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
         start = time.perf_counter()
-        optimized, latency, reconstruct = _never_slower(working, optimized, plan, opts, data, patterns, reconstruct)
+        optimized, latency, reconstruct = _never_slower(given, working, optimized, plan, opts, data, patterns,
+                                                        reconstruct)
         timings["bench"] = time.perf_counter() - start
 
     check_model(optimized, what="(optimized)")
@@ -143,7 +146,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         onnx.shape_inference.infer_shapes(optimized, strict_mode=True)
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
-    report = Report(source=source, plan=plan, before=model_stats(working, specs),
+    report = Report(source=source, plan=plan, before=model_stats(given, specs),
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
@@ -152,8 +155,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                                  **(nm_result.reconstruction if nm_result else {})}
     if opts.validate:
         start = time.perf_counter()
-        data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(working) else None)
-        report.fidelity = compare(working, optimized, data)
+        data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None)
+        report.fidelity = compare(given, optimized, data)
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
     if latency is not None:
@@ -167,12 +170,12 @@ def _slower(latency: list) -> list:
     return [t for t in latency if t.model == "optimized" and t.speedup < 1]
 
 
-def _never_slower(working, optimized, plan: Plan, opts: OptimizeOptions, data, patterns, reconstruct):
-    """Measure input vs optimized; while slower, revert the pruned layers the cost model rates
-    slowest (a quarter per round) and rebuild from the same plan. Returns the model kept, its
-    latency, and the reconstruction that built it."""
+def _never_slower(given, working, optimized, plan: Plan, opts: OptimizeOptions, data, patterns, reconstruct):
+    """Measure input (`given`) vs optimized; while slower, revert the pruned layers the cost model
+    rates slowest (a quarter per round) and rebuild from the same plan and `working`. Returns the
+    model kept, its latency, and the reconstruction that built it."""
     def measure(candidate):
-        return bench([working, candidate], names=["input", "optimized"], batches=opts.bench_batches,
+        return bench([given, candidate], names=["input", "optimized"], batches=opts.bench_batches,
                      providers=opts.bench_providers, threads=opts.bench_threads,
                      input_shapes=opts.input_shapes, repeats=opts.bench_repeats, min_time_s=opts.bench_min_time_s)
 

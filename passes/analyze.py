@@ -11,6 +11,7 @@ A Conv is prunable when all of these hold:
 - its name and its weight's name match none of the --exclude regexes;
 - it is not the stem: a Conv reading a graph input with <= 4 channels is skipped unless
   `include_stem` (the prior art keeps the stem dense);
+- it is not a zero-padding shortcut that shortcut_convs made a Conv (kept exact);
 - onnx shape inference knows its output shape (needed for MACs).
 
 For the cost models it also records where the layer's Gathers can go (fold_gathers' rules on the
@@ -27,6 +28,7 @@ import onnx
 
 from gkp_onnx.graph_stats import InputSpec, graph_index, graph_inputs, infer_shapes, node_attr, node_macs
 from gkp_onnx.passes.fold_gathers import walk_to_consumer, walk_to_producer
+from gkp_onnx.passes.shortcut_convs import is_shortcut_conv
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -155,6 +157,8 @@ class Analyze(Pass):
         for pattern in self.exclude:
             if pattern.search(node.name) or pattern.search(weight):
                 return f"excluded by --exclude '{pattern.pattern}'"
+        if is_shortcut_conv(node):
+            return "the residual shortcut gkp-onnx made a Conv of (shortcut_convs): kept exact"
         if not self.include_stem and node.input[0] in input_names and dims[1] <= STEM_MAX_CHANNELS:
             return f"stem Conv on a {dims[1]}-channel graph input (kept dense; --include-stem prunes it)"
         if node.output[0] not in shapes:

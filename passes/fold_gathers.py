@@ -104,7 +104,7 @@ class FoldGathers(Pass):
                         reader.input[slot] = node.input[0]
             model.graph.node.remove(node)
         _bypass(model, gather, chain[0] if chain else top)
-        _drop_unread(model)
+        drop_unread(model)
 
     def _sink_one(self, model: onnx.ModelProto) -> bool:
         """Absorb a channel permutation into the weights of the dense layer that reads it."""
@@ -126,7 +126,7 @@ class FoldGathers(Pass):
             replace_initializer(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
             (chain[0] if chain else consumer).input[0] = gather.input[0]
             graph.node.remove(gather)
-            _drop_unread(model)
+            drop_unread(model)
             return True
         return False
 
@@ -140,7 +140,7 @@ class FoldGathers(Pass):
             _bypass(model, gather, chain[0] if chain else top)
         else:
             replace_initializer(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
-        _drop_unread(model)
+        drop_unread(model)
 
 def reindex_params(model, node, index, initializers) -> None:
     """Re-index the per-channel parameters of a per-channel `node` by `index` (channel axis)."""
@@ -299,7 +299,7 @@ def _bypass(model, gather, last) -> None:
     model.graph.node.remove(gather)
 
 
-def _drop_unread(model: onnx.ModelProto) -> None:
+def drop_unread(model: onnx.ModelProto) -> None:
     """Delete initializers nothing reads, in place (rebuilding the list would copy every weight)."""
     read = {name for node in model.graph.node for name in node.input}
     for index in reversed(range(len(model.graph.initializer))):

@@ -9,6 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from gkp_onnx.passes.partition_streams import permuted
+from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -40,9 +41,9 @@ def random_feed(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[s
 
 
 def masked_reference(model: onnx.ModelProto, plan) -> onnx.ModelProto:
-    """The original graph (its channel spaces reordered as the plan says) with every pruned
-    grouped kernel set to zero in the dense weight."""
-    reference = permuted(model, plan.permutations)
+    """The original graph (its zero-padding shortcuts as Convs and its channel spaces reordered, as
+    optimize does) with every pruned grouped kernel set to zero in the dense weight."""
+    reference = permuted(shortcuts_as_convs(model), plan.permutations)
     layers = {layer.weight: layer for layer in plan.layers}
     for init in reference.graph.initializer:
         if init.name in layers:

@@ -188,6 +188,24 @@ def residual_stream(width: int = 16) -> onnx.ModelProto:
     return b.build(b.op("Gemm", [flat, *head], transB=1))
 
 
+def option_a_shortcut() -> onnx.ModelProto:
+    """The CIFAR ResNets' downsampling block: the shortcut takes x[:, :, ::2, ::2] and zero-pads
+    its channels 16 -> 32 (pads computed by a constant subgraph, as torch exports F.pad)."""
+    b = GraphBuilder()
+    stream = b.op("Relu", [b.conv("x", 16)])
+    main = b.conv(b.op("Relu", [b.conv(stream, 32, strides=[2, 2])]), 32)
+    shortcut = stream
+    for axis in (2, 3):  # x[:, :, ::2] then [..., ::2]: start 0, open end, step 2
+        args = [f"slice{axis}.{name}" for name in ("starts", "ends", "axes", "steps")]
+        b.inits += [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in zip(args, (0, 2**63 - 1, axis, 2))]
+        shortcut = b.op("Slice", [shortcut, *args])
+    b.inits += [numpy_helper.from_array(np.array([0, 8, 0, 0], np.int64), f"pads.{end}") for end in ("begin", "end")]
+    pads = b.op("Concat", ["pads.begin", "pads.end"], channels=0, axis=0)
+    shortcut = b.op("Pad", [shortcut, pads], channels=32, mode="constant")
+    stream = b.op("Relu", [b.op("Add", [main, shortcut])])
+    return b.build(b.conv(b.op("Relu", [b.conv(stream, 32)]), 32))
+
+
 def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
@@ -197,5 +215,5 @@ TOPOLOGIES = {
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
     "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
-    "residual_stream": residual_stream,
+    "residual_stream": residual_stream, "option_a_shortcut": option_a_shortcut,
 }
