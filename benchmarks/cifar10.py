@@ -28,15 +28,11 @@ import numpy as np
 import onnx
 
 from gkp_onnx import optimize
-from gkp_onnx.baselines import l1_filter_plan
+from gkp_onnx.baselines import l1_filter_pruning
 from gkp_onnx.bench import bench, describe_provider
-from gkp_onnx.graph_stats import ensure_node_names, input_specs, model_stats
+from gkp_onnx.graph_stats import input_specs, model_stats
 from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
 from gkp_onnx.models.export import export
-from gkp_onnx.passes.fold_gathers import FoldGathers
-from gkp_onnx.passes.reconstruct import Reconstruct
-from gkp_onnx.passes.rewrite_conv import RewriteConv
-from gkp_onnx.pipeline import run_passes
 from gkp_onnx.validate import Dataset, make_session, run_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -67,12 +63,7 @@ def dense_model(name: str, tmp: Path) -> onnx.ModelProto:
 
 
 def l1_filter(dense: onnx.ModelProto, ratio: float, calib: Dataset | None) -> onnx.ModelProto:
-    working = onnx.ModelProto()
-    working.CopyFrom(dense)
-    ensure_node_names(working)
-    plan = l1_filter_plan(working, ratio)
-    passes = [RewriteConv()] + ([Reconstruct(working, calib)] if calib else []) + [FoldGathers()]
-    return run_passes(passes, working, plan)[0]
+    return l1_filter_pruning(dense, ratio, calib=calib)[0]
 
 
 def ratio_for_macs(dense: onnx.ModelProto, target: float, steps: int = 10) -> float:

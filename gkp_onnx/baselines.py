@@ -17,9 +17,12 @@ from onnx import numpy_helper
 from gkp_onnx.graph_stats import ensure_node_names, graph_index, input_specs, node_attr
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.fold_gathers import FoldGathers, walk_to_producer
+from gkp_onnx.passes.reconstruct import Reconstruct
 from gkp_onnx.passes.rewrite_conv import RewriteConv
+from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan, SkippedLayer
+from gkp_onnx.validate import Dataset
 
 
 def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None,
@@ -45,9 +48,13 @@ def l1_filter_plan(model: onnx.ModelProto, ratio: float, input_shapes: dict | No
 
 
 def l1_filter_pruning(model: onnx.ModelProto, ratio: float, input_shapes: dict | None = None,
-                      channel_multiple: int = 1) -> tuple[onnx.ModelProto, Plan]:
+                      channel_multiple: int = 1, calib: Dataset | None = None) -> tuple[onnx.ModelProto, Plan]:
+    """The L1 filter-pruned model (refit on `calib` when given) and its plan. Zero-padding shortcuts
+    become Convs first, as in optimize, so that a comparison with GKP compares the pruning."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     ensure_node_names(working)
+    working = shortcuts_as_convs(working)
     plan = l1_filter_plan(working, ratio, input_shapes, channel_multiple)
-    return run_passes([RewriteConv(), FoldGathers()], working, plan)
+    refit = [Reconstruct(working, calib)] if calib is not None else []
+    return run_passes([RewriteConv(), *refit, FoldGathers()], working, plan)
