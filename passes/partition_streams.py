@@ -308,14 +308,13 @@ class PartitionStreams(Pass):
         shared_in: dict[str, int] = {}  # layer -> G of the component it reads in the shared form
         for component in components(result):
             planned = [layers[c.name] for c in component.consumers if c.name in layers]
-            counts = {component.channels // layer.kept_per_group for layer in planned
-                      if component.channels % layer.kept_per_group == 0}
-            if not any(not layer.input_folds for layer in planned) or len(counts) != 1 \
-                    or len({layer.kept_per_group for layer in planned}) != 1:
+            kept = {layer.kept_per_group for layer in planned}
+            if len(kept) != 1 or all(layer.input_folds for layer in planned):
                 continue
-            blocks = counts.pop()
-            sharing = [layer for layer in planned if blocks >= 2 and layer.out_channels % blocks == 0]
-            if not sharing:
+            n = kept.pop()
+            blocks = component.channels // n
+            sharing = [layer for layer in planned if layer.out_channels % blocks == 0]
+            if component.channels % n or blocks < 2 or not sharing:
                 continue
             initializers = {t.name: t for t in result.graph.initializer}
             energies = [energy(numpy_helper.to_array(initializers[layer.weight])) for layer in sharing]
