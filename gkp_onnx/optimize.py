@@ -1,8 +1,8 @@
 """The pipeline from a model (or a path) to an optimized model and its report.
 
-    load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups -> select_kernels
-         -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers -> nm_sparsify
-         -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
+    load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups
+         -> select_kernels -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers
+         -> nm_sparsify -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
 from __future__ import annotations
