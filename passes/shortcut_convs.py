@@ -70,6 +70,8 @@ def is_shortcut_conv(node: onnx.NodeProto) -> bool:
 
 def shortcuts_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every zero-padding shortcut a 1x1 Conv (the model itself when none)."""
+    if not any(node.op_type == "Pad" for node in model.graph.node):
+        return model  # nothing to match: skip the constant folding and shape inference
     constants = _constants(model)
     producers = {o: node for node in model.graph.node for o in node.output}
     inferred = onnx.shape_inference.infer_shapes(model)
