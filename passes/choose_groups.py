@@ -174,12 +174,14 @@ class ChooseGroups(Pass):
         cost = self.cost_model.relative_time(layer, group_count)
         return Candidate(group_count, retained, cost, retained - self.speed_weight * cost)
 
-    def _evaluate_shared(self, layer: LayerPlan, weight: np.ndarray) -> Candidate:
-        """The shared form (partition_streams): the component's blocks as kept sets, no Gather."""
+    def _evaluate_shared(self, layer: LayerPlan, weight: np.ndarray) -> tuple[Candidate, list[list[int]]]:
+        """The shared form (partition_streams): the component's blocks as kept sets, no Gather;
+        with its filter groups."""
         groups = shared_groups(layer, weight)
         retained = retained_importance(weight, groups, shared_blocks(layer))
         cost = self.cost_model.relative_time(shared_view(layer), layer.shared_group_count)
-        return Candidate(layer.shared_group_count, retained, cost, retained - self.speed_weight * cost, shared=True)
+        score = retained - self.speed_weight * cost
+        return Candidate(layer.shared_group_count, retained, cost, score, shared=True), groups
 
     def viable_group_counts(self, layer: LayerPlan, weight: np.ndarray, counts: list[int]) -> list[int]:
         """The counts whose best possible score reaches the score of G = 1 (others cannot win)."""
@@ -201,8 +203,10 @@ class ChooseGroups(Pass):
             weight = numpy_helper.to_array(weights[layer.weight])
             layer.candidates = [self._evaluate(layer, weight, g, groups)
                                 for g, groups in sorted(layer.candidate_groups.items())]
+            shared_form = None
             if layer.shared_group_count and self.never_slower:
-                layer.candidates.append(self._evaluate_shared(layer, weight))
+                candidate, shared_form = self._evaluate_shared(layer, weight)
+                layer.candidates.append(candidate)
             if not layer.candidates:
                 raise PassContractError(f"choose_groups: no candidate for layer {layer.node}")
             pool = [c for c in layer.candidates if c.relative_cost < 1.0 or not self.never_slower]
@@ -214,7 +218,7 @@ class ChooseGroups(Pass):
             best = max(c.score for c in pool)
             chosen = min((c for c in pool if c.score >= best - 1e-9), key=lambda c: (c.group_count, c.shared))
             layer.group_count, layer.shared = chosen.group_count, chosen.shared
-            layer.groups = shared_groups(layer, weight) if chosen.shared else layer.candidate_groups[chosen.group_count]
+            layer.groups = shared_form if chosen.shared else layer.candidate_groups[chosen.group_count]
             kept.append(layer)
         plan.layers = kept
         return PassResult(model, plan, modified=False)

@@ -200,8 +200,9 @@ def permuted(model: onnx.ModelProto, permutations: dict[str, list[int]]) -> onnx
     """A copy of `model` with `permutations` (plan.permutations) applied, in their order."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
+    found = components(result)  # reordering changes weights only, never which spaces there are
     for key, order in permutations.items():
-        component = next((c for c in components(result) if key in c.tensors), None)
+        component = next((c for c in found if key in c.tensors), None)
         if component is None or component.channels != len(order):
             raise GkpError(f"the plan reorders the channels of '{key}', which this model cannot "
                            f"(a plan made for another model?)")

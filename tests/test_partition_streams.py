@@ -24,9 +24,11 @@ def gathered(model):
 
 def kept_energy(energies, labels, blocks):
     """The partition objective: each Conv's filters in their best balanced blocks."""
-    return sum(np.take_along_axis(block_sums(e, labels, blocks),
-                                  balanced_assign(block_sums(e, labels, blocks))[:, None], 1).sum()
-               for e in energies)
+    total = 0.0
+    for e in energies:
+        sums = block_sums(e, labels, blocks)
+        total += np.take_along_axis(sums, balanced_assign(sums)[:, None], 1).sum()
+    return total
 
 
 def test_streams_and_fan_outs_are_found_with_what_reordering_touches():
