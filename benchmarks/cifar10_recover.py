@@ -30,7 +30,7 @@ import onnx
 
 from cifar10 import RESULTS, SHARED, l1_equal_macs_ratio, l1_filter, save_rows, test_sets, top1
 from gkp_onnx import optimize
-from gkp_onnx.graph_stats import input_specs, model_stats
+from gkp_onnx.graph import input_specs, model_stats
 from gkp_onnx.images import ImageSpec
 from gkp_onnx.recover import recover
 from gkp_onnx.validate import load_dataset

@@ -30,9 +30,9 @@ import onnx
 from gkp_onnx import optimize
 from gkp_onnx.baselines import l1_filter_pruning
 from gkp_onnx.bench import bench, describe_provider
-from gkp_onnx.cost_model import nchwc_block_size
+from gkp_onnx.cost import nchwc_block_size
 from gkp_onnx.demo import IMAGES, WEIGHTS, asset
-from gkp_onnx.graph_stats import input_specs, model_stats
+from gkp_onnx.graph import input_specs, model_stats
 from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess
 from gkp_onnx.models.export import build, export
 from gkp_onnx.validate import Dataset, make_session, run_model

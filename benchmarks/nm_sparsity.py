@@ -27,7 +27,7 @@ import onnxruntime as ort
 from gkp_onnx import optimize
 from gkp_onnx.models.export import build, export
 from gkp_onnx.models.llama2c import BOS, decode, load_tokenizer
-from gkp_onnx.passes.nm_permutation import kept_score, search_permutation
+from gkp_onnx.nm_permutation import kept_score, search_permutation
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT.parent / "shared" / "data" / "tinyllama-aidreams260K"

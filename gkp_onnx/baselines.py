@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import ensure_node_names, graph_index, input_specs, node_attr
+from gkp_onnx.graph import clear_marks, ensure_node_names, graph_index, input_specs, node_attr
 from gkp_onnx.passes.analyze import Analyze
-from gkp_onnx.passes.fold_gathers import FoldGathers, walk_to_producer
+from gkp_onnx.graph import walk_to_producer
+from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.reconstruct import Reconstruct
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
@@ -57,4 +58,6 @@ def l1_filter_pruning(model: onnx.ModelProto, ratio: float, input_shapes: dict |
     working = shortcuts_as_convs(working)
     plan = l1_filter_plan(working, ratio, input_shapes, channel_multiple)
     refit = [Reconstruct(working, calib)] if calib is not None else []
-    return run_passes([RewriteConv(), *refit, FoldGathers()], working, plan)
+    pruned, plan = run_passes([RewriteConv(), *refit, FoldGathers()], working, plan)
+    clear_marks(pruned)
+    return pruned, plan

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import input_specs
+from gkp_onnx.graph import input_specs
 from gkp_onnx.model_io import load_model
 from gkp_onnx.validate import make_session, random_dataset
 

@@ -67,8 +67,8 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_pruning(parser: argparse.ArgumentParser) -> None:
-    from gkp_onnx.passes.choose_groups import DEFAULT_SPEED_WEIGHT
-    from gkp_onnx.passes.select_kernels import SELECTION_METHODS
+    from gkp_onnx.cost import DEFAULT_SPEED_WEIGHT
+    from gkp_onnx.scoring import SELECTION_METHODS
 
     group = parser.add_argument_group("pruning")
     group.add_argument("--ratio", type=float, default=0.4375,
@@ -126,7 +126,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from gkp_onnx.model_io import check_output_path, save_model
-    from gkp_onnx.optimize import optimize
+    from gkp_onnx.api import optimize
 
     out = check_output_path(args.input, args.output)
     bench = dict(bench_batches=args.bench_batch, bench_providers=args.providers, bench_threads=args.threads,
@@ -151,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.graph import input_specs
     from gkp_onnx.model_io import load_model
     from gkp_onnx.validate import RANDOM_BATCH, Thresholds, compare, load_dataset, random_dataset
 
@@ -177,7 +177,7 @@ def _print_fidelity(result) -> None:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.graph import input_specs
     from gkp_onnx.model_io import check_output_path, load_model, save_model
     from gkp_onnx.recover import RecoverOptions, recover
     from gkp_onnx.validate import compare, load_dataset

@@ -47,9 +47,9 @@ def prepare(out_dir: Path) -> tuple[Path, Path, Path]:
 def run_demo(out_dir: str = "gkp-demo", bench_min_time_s: float = 1.0, **options) -> int:
     from gkp_onnx.bench import bench
     from gkp_onnx.validate import compare, load_dataset
-    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.graph import input_specs
     from gkp_onnx.model_io import load_model
-    from gkp_onnx.optimize import optimize
+    from gkp_onnx.api import optimize
 
     out = Path(out_dir)
     try:

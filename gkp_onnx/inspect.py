@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from gkp_onnx.cost_model import nchwc_block_size
-from gkp_onnx.graph_stats import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
+from gkp_onnx.cost import nchwc_block_size
+from gkp_onnx.graph import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
-from gkp_onnx.passes.nm_sparsify import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm
+from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
 

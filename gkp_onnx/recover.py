@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import input_specs
+from gkp_onnx.graph import input_specs
 from gkp_onnx.model_io import load_model
 from gkp_onnx.torch_graph import TorchGraph, write_back
 from gkp_onnx.validate import Dataset

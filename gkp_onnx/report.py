@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gkp_onnx.bench import timings_to_dict
-from gkp_onnx.graph_stats import ModelStats
-from gkp_onnx.passes.nm_sparsify import NmResult
+from gkp_onnx.graph import ModelStats
+from gkp_onnx.nm import NmResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Fidelity
 

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import InputSpec
+from gkp_onnx.graph import InputSpec
 from gkp_onnx.images import ImageSpec, load_image_folder
 from gkp_onnx.model_io import is_large, save_model
 

@@ -26,9 +26,8 @@ import re
 
 import onnx
 
-from gkp_onnx.graph_stats import InputSpec, graph_index, graph_inputs, infer_shapes, node_attr, node_macs
-from gkp_onnx.passes.fold_gathers import walk_to_consumer, walk_to_producer
-from gkp_onnx.passes.shortcut_convs import is_shortcut_conv
+from gkp_onnx.graph import (SHORTCUT_CONV, InputSpec, graph_index, graph_inputs, infer_shapes, node_attr, node_macs,
+                            marked, walk_to_consumer, walk_to_producer)
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -80,6 +79,7 @@ def _geometry(node: onnx.NodeProto) -> dict:
 
 class Analyze(Pass):
     name = "analyze"
+    in_place = False  # the model is left as given (a new one is returned, or the plan alone changes)
 
     def __init__(self, specs: list[InputSpec], exclude: list[re.Pattern] = (), include_stem: bool = False,
                  channel_multiple: int = 1):
@@ -157,7 +157,7 @@ class Analyze(Pass):
         for pattern in self.exclude:
             if pattern.search(node.name) or pattern.search(weight):
                 return f"excluded by --exclude '{pattern.pattern}'"
-        if is_shortcut_conv(node):
+        if marked(node, SHORTCUT_CONV):
             return "the residual shortcut gkp-onnx made a Conv of (shortcut_convs): kept exact"
         if not self.include_stem and node.input[0] in input_names and dims[1] <= STEM_MAX_CHANNELS:
             return f"stem Conv on a {dims[1]}-channel graph input (kept dense; --include-stem prunes it)"

@@ -46,9 +46,9 @@ from sklearn.cluster import KMeans
 
 from gkp_onnx.cache import write_atomic
 from gkp_onnx.errors import GkpError
-from gkp_onnx.passes.select_kernels import roughness
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
+from gkp_onnx.scoring import roughness
 
 BALANCED_LLOYD_STEPS = 3
 
@@ -127,6 +127,7 @@ def cached_balanced_kmeans(filters: np.ndarray, group_count: int, seed: int, cac
 
 class ClusterFilters(Pass):
     name = "cluster"
+    in_place = False  # the model is left as given (a new one is returned, or the plan alone changes)
 
     def __init__(self, min_group_width: int = 8, forced_groups: int | None = None, seed: int = 0,
                  viable: Callable[[LayerPlan, np.ndarray, list[int]], list[int]] | None = None,

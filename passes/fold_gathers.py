@@ -39,21 +39,16 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import graph_index, node_attr
-from gkp_onnx.passes.nm_sparsify import reduction_axis
+from gkp_onnx.graph import (chain_index, channel_count, drop_unread, gather_index, graph_index, node_attr, reduction_axis,
+                            reindex_params, replace_initializer, take_rows, walk_to_consumer, walk_to_producer)
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
-
-POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-UNARY_PER_CHANNEL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
-                     "Softplus", "Mish", "Identity", "PRelu"}
-BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
 
 
 class FoldGathers(Pass):
     name = "fold_gathers"
+    in_place = True  # edits the model's weights or nodes in place
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         folded = 0
@@ -68,7 +63,7 @@ class FoldGathers(Pass):
         initializers = {t.name: t for t in graph.initializer}
         producers, _, readers, outputs = graph_index(graph)
         for gather in graph.node:
-            index = _gather_index(gather, initializers)
+            index = gather_index(gather, initializers)
             if index is None:
                 continue
             top, chain = walk_to_producer(gather.input[0], producers, readers, outputs, initializers)
@@ -112,7 +107,7 @@ class FoldGathers(Pass):
         initializers = {t.name: t for t in graph.initializer}
         producers, consumers, readers, outputs = graph_index(graph)
         for gather in graph.node:
-            index = _gather_index(gather, initializers)
+            index = gather_index(gather, initializers)
             if index is None or not np.array_equal(np.sort(index), np.arange(len(index))) \
                     or channel_count(gather.input[0], producers, initializers) != len(index):
                 continue
@@ -142,15 +137,6 @@ class FoldGathers(Pass):
             replace_initializer(model, initializers, gather.input[1], lambda v: index.astype(v.dtype), gather, 1)
         drop_unread(model)
 
-def reindex_params(model, node, index, initializers) -> None:
-    """Re-index the per-channel parameters of a per-channel `node` by `index` (channel axis)."""
-    if node.op_type == "BatchNormalization":
-        for slot in range(1, 5):
-            replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
-    elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
-        if _channel_constant(node.input[1], initializers) == "per_channel":
-            replace_initializer(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
-
 
 def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
     """Dead-channel elimination for a grouped Conv whose outputs are read only at `needed`.
@@ -168,140 +154,9 @@ def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
     return keep, np.array([position[int(c)] for c in needed], dtype=np.int64)
 
 
-def walk_to_consumer(tensor, consumers, readers, outputs, initializers):
-    """Walk down from `tensor` through per-channel ops (and Flatten after a global pool) to the
-    layer that contracts its channel axis: a Conv with group 1, or a Gemm/MatMul after the Flatten,
-    its weight a constant read by nothing else. Each tensor read once, none a graph output.
-
-    Returns (chain, consumer): the nodes passed, nearest first, and the layer, or None."""
-    chain, flat = [], False
-    while tensor not in outputs and readers[tensor] == 1 and consumers[tensor].input[0] == tensor:
-        node = consumers[tensor]
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm"):
-            ok = weight in initializers and readers[weight] == 1 and node_attr(node, "group", 1) == 1 \
-                and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or len(initializers[weight].dims) == 2)
-            return chain, (node if ok else None)
-        if node.op_type == "Flatten" and node_attr(node, "axis", 1) == 1 and chain \
-                and chain[-1].op_type.startswith("Global") and not flat:
-            flat = True
-        elif flat or not is_per_channel(node, initializers):
-            break
-        chain.append(node)
-        tensor = node.output[0]
-    return chain, None
-
-
-def channel_count(tensor, producers, initializers) -> int | None:
-    """Channels of `tensor` when a Conv or channel Gather above it (through per-channel ops) says."""
-    node = producers.get(tensor)
-    while node is not None and is_per_channel(node, initializers):
-        node = producers.get(node.input[0])
-    if node is None:
-        return None
-    if node.op_type == "Conv" and node.input[1] in initializers:
-        return initializers[node.input[1]].dims[0]
-    index = _gather_index(node, initializers)
-    return None if index is None else len(index)
-
-
-def walk_to_producer(tensor, producers, readers, outputs, initializers):
-    """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
-
-    Returns (top, chain): chain lists the nodes passed, nearest first; top is the Conv where the
-    walk ended (its weight and bias constants read by nothing else; any group count), or None."""
-    chain = []
-    while True:
-        node = producers.get(tensor)
-        if node is None or readers[tensor] != 1 or tensor in outputs:
-            return None, chain
-        if node.op_type == "Conv":
-            params = [name for name in node.input[1:] if name]
-            if any(p not in initializers or readers[p] != 1 for p in params):
-                return None, chain
-            return node, chain
-        if _gather_index(node, initializers) is None and not is_per_channel(node, initializers):
-            return None, chain
-        chain.append(node)
-        tensor = node.input[0]
-
-
-def is_per_channel(node, initializers) -> bool:
-    """An op acting on each channel separately (its constants per-channel or broadcast)."""
-    if node.op_type in POOLS:
-        return len(node.output) == 1 or not node.output[1]  # MaxPool's Indices output: channel-indexed
-    if node.op_type in UNARY_PER_CHANNEL:
-        return node.op_type != "PRelu" or _channel_constant(node.input[1], initializers) is not None
-    if node.op_type == "BatchNormalization":
-        return all(name in initializers for name in node.input[1:5])
-    if node.op_type in BINARY_PER_CHANNEL:
-        return node.input[0] not in initializers and _channel_constant(node.input[1], initializers) is not None
-    return False
-
-
-def _gather_index(node, initializers) -> np.ndarray | None:
-    """The constant 1-D indices of a channel Gather (axis 1), else None."""
-    if node.op_type != "Gather" or node_attr(node, "axis", 0) != 1 or node.input[1] not in initializers:
-        return None
-    index = numpy_helper.to_array(initializers[node.input[1]])
-    return index if index.ndim == 1 and (index >= 0).all() else None
-
-
-def chain_index(chain, index, initializers) -> list[np.ndarray]:
-    """The index each chain node (nearest first) is re-indexed with, then the one for the top:
-    crossing a Gather with indices P upward maps I to P[I]."""
-    indices = []
-    for node in chain:
-        indices.append(index)
-        gathered = _gather_index(node, initializers)
-        if gathered is not None:
-            index = gathered[index]
-    return indices + [index]
-
-
-def _channel_constant(name, initializers) -> str | None:
-    """'broadcast' when the constant has size 1 on the channel axis, 'per_channel' for a [C, 1, 1]
-    layout (rank <= 4, channel axis = rank - 3), None otherwise."""
-    if name not in initializers:
-        return None
-    dims = list(initializers[name].dims)
-    if all(d == 1 for d in dims):
-        return "broadcast"
-    if 3 <= len(dims) <= 4 and dims[-1] == 1 and dims[-2] == 1 and all(d == 1 for d in dims[:-3]):
-        return "per_channel"
-    return None
-
-
-def replace_initializer(model, initializers, name, transform, node, slot) -> None:
-    """Transform the initializer `node` reads at `slot`; a shared one gets a private copy instead."""
-    values = transform(numpy_helper.to_array(initializers[name]))
-    readers = sum(name == i for n in model.graph.node for i in n.input)
-    if readers <= 1:
-        initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), name))
-        return
-    new_name = f"{name}_{node.name}_folded"
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), new_name))
-    initializers[new_name] = model.graph.initializer[-1]
-    node.input[slot] = new_name
-
-
-def take_rows(model, node, index, initializers) -> None:
-    """Re-index what makes `node`'s output channels by `index` on axis 0: a Conv's weight and bias,
-    or a Gather's indices."""
-    for slot in range(1, 3 if node.op_type == "Conv" else 2):
-        if slot < len(node.input) and node.input[slot]:
-            replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
-
-
 def _bypass(model, gather, last) -> None:
     """Remove `gather`: `last`, the node that produced its input, now produces its output."""
     last.output[0] = gather.output[0]
     model.graph.node.remove(gather)
 
 
-def drop_unread(model: onnx.ModelProto) -> None:
-    """Delete initializers nothing reads, in place (rebuilding the list would copy every weight)."""
-    read = {name for node in model.graph.node for name in node.input}
-    for index in reversed(range(len(model.graph.initializer))):
-        if model.graph.initializer[index].name not in read:
-            del model.graph.initializer[index]

@@ -24,188 +24,21 @@ sparse weights enabled, and is realised for large enough fp16/int8 layers only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import graph_index, node_attr
+from gkp_onnx.nm import NM_OPS, NmLayer, NmResult, _dequantized, apply_mask, kept_share, mask_for, nm_candidates
+from gkp_onnx.nm_permutation import permute_reduction_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
-NM_OPS = ("MatMul", "Gemm")
-# TensorRT's sparse kernels pay off on big GEMMs; the rule of thumb used in `tensorrt_sparse_likely`.
-TRT_MIN_DIM = 256
-
-
-def parse_nm(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
-    if not match:
-        raise GkpError(f"--nm expects N:M such as 2:4, got {text!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise GkpError(f"--nm {n}:{m}: need 0 < N < M")
-    return n, m
-
-
-def nm_mask(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
-    """Boolean mask keeping the n best-scored of every m consecutive entries along `axis`."""
-    moved = np.moveaxis(scores, axis, -1)
-    if moved.shape[-1] % m:
-        raise ValueError(f"reduction length {moved.shape[-1]} is not a multiple of {m}")
-    runs = moved.reshape(*moved.shape[:-1], -1, m)
-    order = np.argsort(-runs, axis=-1, kind="stable")[..., :n]
-    keep = np.zeros(runs.shape, dtype=bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.moveaxis(keep.reshape(moved.shape), -1, axis)
-
-
-def satisfies_nm(weight: np.ndarray, axis: int, n: int, m: int) -> bool:
-    """True when every run of m consecutive weights along `axis` has at most n non-zeros."""
-    moved = np.moveaxis(np.asarray(weight), axis, -1)
-    if moved.shape[-1] % m:
-        return False
-    return bool(((moved.reshape(*moved.shape[:-1], -1, m) != 0).sum(-1) <= n).all())
-
-
-def kept_share(weight: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the weight's total magnitude sum|w| that the mask keeps."""
-    total = np.abs(weight).sum()
-    return float(np.abs(weight[mask]).sum() / total) if total else 1.0
-
-
-@dataclass
-class WeightRef:
-    """Where a layer's constant weight lives and which of its axes is the reduction axis."""
-
-    node: str
-    op: str
-    initializer: str  # the tensor whose values are masked
-    axis: int  # reduction axis in the initializer's own layout
-    path: list[str] = field(default_factory=list)  # tensors between initializer and layer input
-    zero_point: str | None = None  # DequantizeLinear: pruned entries take this value
-    quant_axis: int | None = None  # DequantizeLinear per-axis zero point axis
-
-
-def reduction_axis(node: onnx.NodeProto, rank: int) -> int:
-    if node.op_type == "Gemm":
-        trans_b = node_attr(node, "transB", 0)
-        return 1 if trans_b else 0
-    if node.op_type == "Conv":
-        return 1
-    return rank - 2  # MatMul B [..., K, N]
-
-
-def find_weight(node: onnx.NodeProto, producers: dict, initializers: dict) -> WeightRef | str:
-    """Follow the weight input through Transpose/Cast/DequantizeLinear; a reason string if impossible."""
-    name, path, zero_point, quant_axis, perm = node.input[1], [], None, None, None
-    while name not in initializers:
-        producer = producers.get(name)
-        if producer is None or producer.op_type not in ("Transpose", "Cast", "DequantizeLinear"):
-            return "weight is computed at run time"
-        path.append(name)
-        if producer.op_type == "Transpose":
-            if perm is not None:
-                return "weight behind two Transposes"
-            perm = node_attr(producer, "perm", [])  # no perm attribute: the axes are reversed
-        elif producer.op_type == "DequantizeLinear":
-            zero_point = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
-            quant_axis = node_attr(producer, "axis", 1)
-        name = producer.input[0]
-    rank = len(initializers[name].dims)
-    axis = reduction_axis(node, rank)
-    if perm is not None:
-        perm = perm or list(reversed(range(rank)))
-        axis = perm[axis]  # output axis i of a Transpose is input axis perm[i]
-    return WeightRef(node.name, node.op_type, name, axis, path, zero_point, quant_axis)
-
-
-@dataclass
-class NmLayer:
-    node: str
-    op: str
-    weight: str
-    shape: list[int]
-    axis: int
-    kept_magnitude: float  # share of sum|w| kept by the applied mask
-    kept_magnitude_plain: float  # what plain |w| selection in the original channel order keeps
-    score: str  # "magnitude" or "calibration"
-    permuted: bool = False
-
-
-@dataclass
-class NmResult:
-    n: int
-    m: int
-    layers: list[NmLayer] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    eligible_mac_share: float = 0.0  # MatMul/Gemm MACs now N:M-sparse / all MatMul/Gemm MACs
-    reconstruction: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> MSE before/after refit
-
-
-def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=(), include_head=False
-                  ) -> tuple[list[WeightRef], list[tuple[str, str]]]:
-    """The layers the pass can sparsify, and (node, reason) for the others."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    producers, _, readers, outputs = graph_index(model.graph)
-    refs, skipped = [], []
-    for node in model.graph.node:
-        if node.op_type not in ops:
-            continue
-        ref = find_weight(node, producers, initializers)
-        reason = ref if isinstance(ref, str) else None
-        if reason is None:
-            if node.op_type == "Conv" and node_attr(node, "group", 1) != 1 \
-                    and initializers[ref.initializer].dims[1] == 1:
-                reason = "depthwise Conv"
-            elif any(readers[t] > 1 for t in [ref.initializer] + ref.path):
-                reason = "weight is shared with another node"
-            elif initializers[ref.initializer].dims[ref.axis] % m:
-                reason = f"reduction length {initializers[ref.initializer].dims[ref.axis]} is not a multiple of {m}"
-            elif any(p.search(node.name) or p.search(ref.initializer) for p in exclude):
-                reason = "excluded by --exclude"
-            elif not include_head and node.output[0] in outputs:
-                reason = "produces a graph output (classifier / LM head kept dense; --nm-include-head)"
-        if reason:
-            skipped.append((node.name, reason))
-        else:
-            refs.append(ref)
-    return refs, skipped
-
-
-def mask_for(ref: WeightRef, weight: np.ndarray, initializers: dict, input_norm: np.ndarray | None,
-             n: int, m: int) -> np.ndarray:
-    scores = np.abs(_dequantized(ref, weight, initializers))
-    if input_norm is not None:
-        shape = [1] * weight.ndim
-        shape[ref.axis] = -1
-        scores = scores * input_norm.reshape(shape)
-    return nm_mask(scores, ref.axis, n, m)
-
-
-def _dequantized(ref: WeightRef, weight: np.ndarray, initializers: dict) -> np.ndarray:
-    if ref.zero_point is None:
-        return weight.astype(np.float64)
-    zero = numpy_helper.to_array(initializers[ref.zero_point]).astype(np.float64)
-    if zero.ndim == 1 and weight.ndim > 1:
-        shape = [1] * weight.ndim
-        shape[ref.quant_axis] = -1
-        zero = zero.reshape(shape)
-    return weight.astype(np.float64) - zero
-
-
-def apply_mask(ref: WeightRef, weight: np.ndarray, mask: np.ndarray, initializers: dict) -> np.ndarray:
-    """The masked weight in its own dtype; quantized weights take their zero point where pruned."""
-    fill = np.zeros_like(weight)
-    if ref.zero_point is not None:
-        fill = fill + (weight - _dequantized(ref, weight, initializers)).astype(weight.dtype)
-    return np.where(mask, weight, fill)
 
 
 class NmSparsify(Pass):
     name = "nm_sparsify"
+    in_place = True  # edits the model's weights or nodes in place
 
     def __init__(self, n: int, m: int, include_conv: bool = False, include_head: bool = False,
                  exclude: list[re.Pattern] = (), input_norms: dict[str, np.ndarray] | None = None,
@@ -218,11 +51,8 @@ class NmSparsify(Pass):
         self.permute = permute
         self.permutation_seconds = permutation_seconds
         self.seed = seed
-        self.result: NmResult | None = None
-        self.output_orders: dict[str, np.ndarray] = {}  # MatMul/Gemm -> order of its output channels now
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        from gkp_onnx.passes.nm_permutation import permute_reduction_channels  # it imports this module
 
         refs, skipped = nm_candidates(model, self.n, self.m, self.ops, self.exclude, self.include_head)
         result = NmResult(self.n, self.m, skipped=skipped)
@@ -232,9 +62,9 @@ class NmSparsify(Pass):
             weight = numpy_helper.to_array(initializers[ref.initializer])
             plain[ref.node] = kept_share(_dequantized(ref, weight, initializers),
                                          mask_for(ref, weight, initializers, None, self.n, self.m))
-        permuted = set()
+        permuted, output_orders = set(), {}  # MatMul/Gemm -> order of its output channels now
         if self.permute:
-            permuted, self.output_orders = permute_reduction_channels(
+            permuted, output_orders = permute_reduction_channels(
                 model, refs, self.n, self.m, self.input_norms, self.permutation_seconds, self.seed)
             initializers = {t.name: t for t in model.graph.initializer}
         for ref in refs:
@@ -246,5 +76,4 @@ class NmSparsify(Pass):
                 ref.node, ref.op, ref.initializer, list(weight.shape), ref.axis,
                 kept_share(_dequantized(ref, weight, initializers), mask), plain[ref.node],
                 "calibration" if ref.node in self.input_norms else "magnitude", ref.node in permuted))
-        self.result = result
-        return PassResult(model, plan, modified=bool(refs))
+        return PassResult(model, plan, modified=bool(refs), details={"nm": result, "output_orders": output_orders})

@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import node_attr
-from gkp_onnx.passes.partition_streams import permuted
+from gkp_onnx.graph import node_attr, permuted
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.validate import Dataset, batches, make_session
@@ -71,13 +70,14 @@ ACTIVATION_BUDGET = 2 << 30  # bytes of cached activations per model (see Activa
 
 class Reconstruct(Pass):
     name = "reconstruct"
+    in_place = True  # edits the model's weights or nodes in place
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, ridge: float = 1e-3, shortcut: bool = True):
         self.original = original
         self.data = data
         self.ridge = ridge
         self.shortcut = shortcut
-        self.errors: dict[str, tuple[float, float]] = {}  # layer -> (output MSE before, after)
+        self.errors: dict[str, tuple[float, float]] = {}  # of the current call: layer -> output MSE before, after
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         names = {n.name for n in model.graph.node}
@@ -85,6 +85,7 @@ class Reconstruct(Pass):
             raise PassContractError("reconstruct needs the grouped Convs made by rewrite_conv")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        self.errors = {}
         original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         producers = {o: n for n in model.graph.node for o in n.output}
@@ -105,7 +106,7 @@ class Reconstruct(Pass):
                 targets = (y + d for y, d in zip(targets, drift))
             pairs = zip(pruned.values(source), targets)
             self._refit(model, layer, conv, index, pairs)
-        return PassResult(model, plan, modified=bool(plan.layers))
+        return PassResult(model, plan, modified=bool(plan.layers), details={"reconstruction": self.errors})
 
     @staticmethod
     def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | None:
@@ -188,6 +189,7 @@ class ReconstructNm(Pass):
     """
 
     name = "reconstruct_nm"
+    in_place = True  # edits the model's weights or nodes in place
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
                  output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3):
@@ -196,9 +198,10 @@ class ReconstructNm(Pass):
         self.layers = layers
         self.output_orders = output_orders or {}  # layer -> its output channels' order (nm_permutation)
         self.ridge = ridge
-        self.errors: dict[str, tuple[float, float]] = {}  # layer -> (output MSE before, after)
+        self.errors: dict[str, tuple[float, float]] = {}  # of the current call: layer -> output MSE before, after
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        self.errors = {}
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
         original_weights = {t.name: t for t in self.original.graph.initializer}
@@ -213,7 +216,7 @@ class ReconstructNm(Pass):
                 continue
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]))
             self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
-        return PassResult(model, plan, modified=bool(self.errors))
+        return PassResult(model, plan, modified=bool(self.errors), details={"reconstruction": self.errors})
 
     def _refit(self, node, view, reference_view, pairs, init) -> None:
         """`pairs`: per batch, (the layer's input in the sparse model, in the original)."""

@@ -48,6 +48,7 @@ def grouped_weight(weight: np.ndarray, layer: LayerPlan) -> np.ndarray:
 
 class RewriteConv(Pass):
     name = "rewrite_conv"
+    in_place = False  # the model is left as given (a new one is returned, or the plan alone changes)
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         nodes = {n.name: n for n in model.graph.node}

@@ -24,8 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gkp_onnx.graph_stats import fold_constants, node_attr
-from gkp_onnx.passes.fold_gathers import drop_unread
+from gkp_onnx.graph import SHORTCUT_CONV, drop_unread, fold_constants, mark, node_attr
 
 OPEN_END = 2**31 - 1
 
@@ -61,11 +60,6 @@ def _strided_source(tensor, producers, constants):
 
 
 SUFFIX = "/shortcut_conv"
-
-
-def is_shortcut_conv(node: onnx.NodeProto) -> bool:
-    """A Conv made by shortcuts_as_convs (analyze keeps it dense: pruning it would drop the shortcut)."""
-    return node.op_type == "Conv" and node.name.endswith(SUFFIX) and node.input[1].endswith(f"{SUFFIX}.weight")
 
 
 def shortcuts_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -104,6 +98,7 @@ def shortcuts_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
         result.graph.initializer.append(numpy_helper.from_array(embed, weight))
         conv = helper.make_node("Conv", [x, weight], [pad.output[0]], name=f"{pad.name}{SUFFIX}",
                                 kernel_shape=[1, 1], strides=strides)
+        mark(conv, SHORTCUT_CONV)  # analyze keeps it dense: pruning it would drop the shortcut
         old = nodes[pad.name]
         result.graph.node.insert(list(result.graph.node).index(old), conv)
         result.graph.node.remove(old)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from gkp_onnx.passes.partition_streams import permuted
+from gkp_onnx.graph import permuted
 from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -6,7 +6,7 @@ from onnx import helper, numpy_helper
 
 from fixtures import GraphBuilder, TOPOLOGIES, residual
 
-from gkp_onnx.graph_stats import ensure_node_names, input_specs
+from gkp_onnx.graph import ensure_node_names, input_specs
 from gkp_onnx.passes.analyze import Analyze, kept_per_group, round_to_multiple
 from gkp_onnx.plan import Plan
 

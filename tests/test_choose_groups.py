@@ -6,12 +6,15 @@ from fixtures import GraphBuilder
 
 from gkp_onnx import optimize
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import ensure_node_names, input_specs
+from gkp_onnx.graph import ensure_node_names, input_specs
 from gkp_onnx.passes.analyze import Analyze
-from gkp_onnx.passes.choose_groups import AnalyticCpuCost, ChooseGroups, max_retained_importance
+from gkp_onnx.cost import AnalyticCpuCost
+from gkp_onnx.choice import GroupScore
+from gkp_onnx.passes.choose_groups import ChooseGroups
+from gkp_onnx.scoring import max_retained_importance
 from gkp_onnx.passes.cluster import ClusterFilters
-from gkp_onnx.passes.partition_streams import shared_view
-from gkp_onnx.passes.select_kernels import keep_top, kernel_scores, retained_importance
+from gkp_onnx.scoring import shared_view
+from gkp_onnx.scoring import keep_top, kernel_scores, retained_importance
 from gkp_onnx.plan import LayerPlan, Plan
 
 
@@ -77,8 +80,9 @@ def test_dropping_unwinnable_candidates_never_changes_the_choice(speed_weight):
     def choose(prune: bool) -> list[int]:
         plan = Plan(ratio=0.5, method="leanflex", seed=0)
         Analyze(input_specs(model))(model, plan)
-        chooser = ChooseGroups(speed_weight=speed_weight)
-        ClusterFilters(min_group_width=4, viable=chooser.viable_group_counts if prune else None)(model, plan)
+        scorer = GroupScore(speed_weight=speed_weight)
+        chooser = ChooseGroups(scorer)
+        ClusterFilters(min_group_width=4, viable=scorer.viable_group_counts if prune else None)(model, plan)
         chooser(model, plan)
         return [layer.group_count for layer in plan.layers]
 
@@ -119,7 +123,7 @@ def test_the_shared_form_of_a_stream_reader_costs_no_gather_and_wins_where_the_g
     assert cost.relative_time(stream, 1) > 1.0 > cost.relative_time(view, 2)
     projection = LayerPlan(**shape, shared_group_count=2, shared_output=True)  # its filters follow the next blocks
     assert cost.moves(shared_view(projection), 2) == 0.0 < cost.moves(projection, 2)
-    choose = ChooseGroups(cost, never_slower=True)
+    choose = ChooseGroups(GroupScore(cost), never_slower=True)
     weight = np.random.default_rng(0).standard_normal((64, 256, 1, 1))
     stream.candidate_groups = {1: [list(range(64))]}
     plan = Plan(ratio=0.5, method="leanflex", seed=0, layers=[stream])

@@ -76,7 +76,7 @@ def test_snake_groups_deal_filters_by_roughness():
 def test_the_pass_groups_every_layer_and_count_as_one_thread_would():
     from fixtures import GraphBuilder
 
-    from gkp_onnx.graph_stats import ensure_node_names, input_specs
+    from gkp_onnx.graph import ensure_node_names, input_specs
     from gkp_onnx.passes.analyze import Analyze
     from gkp_onnx.passes.cluster import ClusterFilters
     from gkp_onnx.pipeline import run_passes

@@ -11,8 +11,8 @@ from fixtures import TOPOLOGIES
 
 from gkp_onnx import optimize
 from gkp_onnx.bench import Timing
-from gkp_onnx.cost_model import MeasuredCost, layer_models
-from gkp_onnx.graph_stats import node_attr
+from gkp_onnx.cost.measured import MeasuredCost, layer_models
+from gkp_onnx.graph import node_attr
 from gkp_onnx.plan import LayerPlan
 
 LAYER = LayerPlan(node="conv", weight="w", out_channels=16, in_channels=16, kernel_shape=[3, 3], macs=0,
@@ -84,7 +84,7 @@ def test_bench_reverts_the_slowest_layers_until_not_slower(monkeypatch):
         calls.append(len(models))
         return [Timing("input", "cpu", 1, 1.0, 1.0, 1.0), Timing("optimized", "cpu", 1, 1.0, 1.0, next(speedups))]
 
-    monkeypatch.setattr(importlib.import_module("gkp_onnx.optimize"), "bench", fake_bench)
+    monkeypatch.setattr(importlib.import_module("gkp_onnx.guard"), "bench", fake_bench)
     costs = FixedCost({1: 0.9, 2: 0.5})
     _, full = optimize(model, ratio=0.5, min_group_width=1, cost_model=costs, validate=False, fold=False)
     optimized, report = optimize(model, ratio=0.5, min_group_width=1, cost_model=costs, fold=False, bench_batches=[1])
@@ -98,7 +98,7 @@ def test_bench_reverts_the_slowest_layers_until_not_slower(monkeypatch):
 
 
 def test_nchwc_block_comes_from_onnxruntime_or_the_environment(monkeypatch):
-    from gkp_onnx.cost_model import nchwc_block_size, probe_nchwc_block
+    from gkp_onnx.cost import nchwc_block_size, probe_nchwc_block
     from gkp_onnx.errors import GkpError
 
     probed = probe_nchwc_block()

@@ -8,7 +8,7 @@ from fixtures import GraphBuilder
 
 from gkp_onnx.cli import main
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import InputSpec
+from gkp_onnx.graph import InputSpec
 from gkp_onnx.images import ImageSpec
 from gkp_onnx.validate import load_dataset
 

@@ -4,9 +4,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run
 
-from gkp_onnx.graph_stats import ensure_node_names
-from gkp_onnx.passes.nm_permutation import find_region, kept_score, permute_reduction_channels, search_permutation
-from gkp_onnx.passes.nm_sparsify import nm_candidates
+from gkp_onnx.graph import ensure_node_names
+from gkp_onnx.nm_permutation import find_region, kept_score, permute_reduction_channels, search_permutation
+from gkp_onnx.nm import nm_candidates
 
 
 def ffn(extra_consumer=False, output_inside=False):

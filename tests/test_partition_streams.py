@@ -12,8 +12,9 @@ from fixtures import TOPOLOGIES, concat, graph_output_inside, residual, residual
 
 from gkp_onnx import optimize
 from gkp_onnx.errors import GkpError
-from gkp_onnx.passes.partition_streams import (balanced_assign, block_sums, components, permuted, reorder,
-                                              shared_partition)
+from gkp_onnx.graph import components, permuted, reorder
+from gkp_onnx.passes.partition_streams import shared_partition
+from gkp_onnx.scoring import balanced_assign, block_sums
 from gkp_onnx.plan import Plan
 
 

@@ -90,7 +90,7 @@ def nm_calib(tmp_path, shape, seed):
 def test_nm_refit_keeps_the_pattern_and_brings_the_output_closer(tmp_path, permute):
     from test_nm_sparsify import mlp, weights_of
 
-    from gkp_onnx.passes.nm_sparsify import satisfies_nm
+    from gkp_onnx.nm import satisfies_nm
     model = mlp()  # fc1 [16, 32] -> Relu -> fc2 [32, 8] (the head, included here)
     options = dict(gkp=False, nm="2:4", nm_include_head=True, nm_permute=permute, calib=nm_calib(tmp_path, (256, 16), 0))
     masked, _ = optimize(model, **options)
@@ -183,7 +183,7 @@ def test_cached_activations_give_the_same_refit_as_recomputing_them(topology, ca
 def test_activations_run_each_node_once_per_batch(calib):
     from gkp_onnx.passes.reconstruct import Activations
     from gkp_onnx.validate import load_dataset
-    from gkp_onnx.graph_stats import input_specs
+    from gkp_onnx.graph import input_specs
     model = TOPOLOGIES["residual"]()
     path, x = calib(model)
     data = load_dataset(path, input_specs(model))

@@ -11,7 +11,7 @@ from fixtures import TOPOLOGIES
 from gkp_onnx import optimize
 from gkp_onnx.cli import main
 from gkp_onnx.errors import GkpError
-from gkp_onnx.passes.nm_sparsify import satisfies_nm
+from gkp_onnx.nm import satisfies_nm
 from gkp_onnx.recover import recover
 from gkp_onnx.validate import Dataset, compare
 

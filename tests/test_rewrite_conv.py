@@ -6,7 +6,7 @@ from conftest import random_feed, run
 from fixtures import GraphBuilder, TOPOLOGIES
 
 from gkp_onnx import optimize
-from gkp_onnx.graph_stats import ensure_node_names
+from gkp_onnx.graph import ensure_node_names
 from gkp_onnx.passes.rewrite_conv import RewriteConv, grouped_weight
 from gkp_onnx.plan import LayerPlan, Plan
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from gkp_onnx.passes.select_kernels import (BALANCER, KEPT_SHARE, geometric_median, grouped_kernels, keep_top,
-                                             kernel_scores, retained_importance, roughness, select, tmi_cost)
+from gkp_onnx.scoring import (BALANCER, KEPT_SHARE, geometric_median, grouped_kernels, keep_top, kernel_scores,
+                               retained_importance, roughness, select, tmi_cost)
 
 
 def test_geometric_median_minimises_sum_of_distances():

@@ -11,8 +11,9 @@ from fixtures import GraphBuilder, TOPOLOGIES, option_a_shortcut
 
 from gkp_onnx import optimize
 from gkp_onnx.model_io import load_model
-from gkp_onnx.passes.partition_streams import components
-from gkp_onnx.passes.shortcut_convs import is_shortcut_conv, shortcuts_as_convs
+from gkp_onnx.graph import components
+from gkp_onnx.graph import SHORTCUT_CONV, marked
+from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 
 
 def test_the_shortcut_becomes_a_strided_1x1_conv_embedding_the_channels_exactly():
@@ -22,7 +23,7 @@ def test_the_shortcut_becomes_a_strided_1x1_conv_embedding_the_channels_exactly(
     assert model.SerializeToString() == before
     onnx.checker.check_model(converted, full_check=True)
     assert not {"Slice", "Pad", "Concat"} & {n.op_type for n in converted.graph.node}
-    conv = next(n for n in converted.graph.node if is_shortcut_conv(n))
+    conv = next(n for n in converted.graph.node if marked(n, SHORTCUT_CONV))
     assert conv.output[0] == next(n for n in model.graph.node if n.op_type == "Pad").output[0]
     assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "strides")) == [2, 2]
     weight = numpy_helper.to_array(next(t for t in converted.graph.initializer if t.name == conv.input[1]))
@@ -64,8 +65,8 @@ def test_optimize_keeps_the_shortcut_conv_dense_and_exact_and_its_streams_reorde
                                rtol=1e-5, atol=1e-5)
     assert report.before.op_counts.get("Pad") == 1  # the report's "before" is the model as given
     spaces = {c.key: c for c in components(shortcuts_as_convs(model))}
-    assert any(is_shortcut_conv(n) for c in spaces.values() for n in c.consumers)
-    assert any(is_shortcut_conv(n) for c in spaces.values() for n in c.producers)
+    assert any(marked(n, SHORTCUT_CONV) for c in spaces.values() for n in c.consumers)
+    assert any(marked(n, SHORTCUT_CONV) for c in spaces.values() for n in c.producers)
 
 
 def test_no_gkp_leaves_the_shortcut_alone():
@@ -77,7 +78,7 @@ def test_real_resnet20_shortcuts_are_exact():
     path = shared_file("cifar10-resnet-akamaster/derived_onnx/resnet20_cifar10.onnx")
     model = load_model(path)
     converted = shortcuts_as_convs(model)
-    assert sum(is_shortcut_conv(n) for n in converted.graph.node) == 2
+    assert sum(marked(n, SHORTCUT_CONV) for n in converted.graph.node) == 2
     assert "Pad" not in {n.op_type for n in converted.graph.node}
     feed = random_feed(model, batch=4)
     np.testing.assert_allclose(run(converted, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from conftest import masked_reference, random_feed, run
 from fixtures import TOPOLOGIES
 
 from gkp_onnx import optimize
-from gkp_onnx.passes.choose_groups import gathers_left
+from gkp_onnx.cost import gathers_left
 
 PRUNABLE = [name for name in TOPOLOGIES if name not in ("depthwise", "shared_weight")]
 

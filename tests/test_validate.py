@@ -4,7 +4,7 @@ import pytest
 from fixtures import TOPOLOGIES
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph_stats import input_specs
+from gkp_onnx.graph import input_specs
 from gkp_onnx.validate import Dataset, Thresholds, fidelity, load_dataset, random_dataset
 
 

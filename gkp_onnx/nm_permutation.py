@@ -31,12 +31,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph_stats import node_attr
-from gkp_onnx.passes.nm_sparsify import reduction_axis
+from gkp_onnx.graph import BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, node_attr, reduction_axis
 
-UNARY = {"Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "LeakyRelu", "Clip", "Identity", "Neg",
-         "Abs", "Exp", "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Cast"}
-BINARY = {"Add", "Mul", "Sub", "Div"}
 MAX_BLOCK_ELEMENTS = 20_000_000  # bounds the memory of one vectorised swap evaluation
 TABLE_ELEMENTS = 8_000_000  # R * K^2 * m of one searched window: bounds the time of a swap table
 
@@ -198,8 +194,8 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
                     return None
                 region.constants.add(bias.name)
             region.sources.append((node, axis))
-        elif node.op_type in UNARY or node.op_type in BINARY:
-            for name in node.input[:1] if node.op_type in UNARY else node.input:
+        elif node.op_type in UNARY_ELEMENTWISE or node.op_type in BINARY_PER_CHANNEL:
+            for name in node.input[:1] if node.op_type in UNARY_ELEMENTWISE else node.input:
                 if name in initializers:
                     dims = list(initializers[name].dims)
                     if dims and dims[-1] == channels:
@@ -220,7 +216,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
                     return None
                 if all(reader is not c for c, _ in region.consumers):
                     region.consumers.append((reader, reduction_axis(reader, len(initializers[weight].dims))))
-            elif reader.op_type in UNARY or reader.op_type in BINARY:
+            elif reader.op_type in UNARY_ELEMENTWISE or reader.op_type in BINARY_PER_CHANNEL:
                 todo.extend(reader.output)
             else:
                 return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -16,6 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph.index import node_attr
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -104,26 +104,6 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph, do_type_check=False)
 
 
-class GraphIndex(NamedTuple):
-    """Who produces and who reads each tensor: what the graph walks of the passes look up."""
-    producers: dict[str, onnx.NodeProto]  # tensor -> the node writing it
-    consumers: dict[str, onnx.NodeProto]  # tensor -> a node reading it (the one, where it is read once)
-    readers: Counter  # tensor -> how many node inputs read it
-    outputs: set[str]  # graph output names
-
-
-def graph_index(graph: onnx.GraphProto) -> GraphIndex:
-    return GraphIndex({o: node for node in graph.node for o in node.output},
-                      {name: node for node in graph.node for name in node.input},
-                      Counter(name for node in graph.node for name in node.input),
-                      {o.name for o in graph.output})
-
-
-def node_attr(node: onnx.NodeProto, name: str, default=None):
-    """The value of a node attribute, or `default` when the node does not set it."""
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
     """Multiply-accumulates of one Conv/Gemm/MatMul node, None when shapes are unknown."""
     out = shapes.get(node.output[0])
@@ -162,17 +142,6 @@ def model_stats(model: onnx.ModelProto, specs: list[InputSpec], shapes: dict | N
     per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
     return ModelStats(params=params, macs=sum(m or 0 for m in per_node.values()),
                       op_counts=Counter(n.op_type for n in model.graph.node), node_macs=per_node)
-
-
-def ensure_node_names(model: onnx.ModelProto) -> None:
-    """Give every node a unique name (plans and reports refer to nodes by name)."""
-    seen: set[str] = set()
-    for index, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{index}"
-        while name in seen:
-            name = f"{name}_{index}"
-        node.name = name
-        seen.add(name)
 
 
 def _fmt(shape) -> str:

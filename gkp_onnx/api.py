@@ -1,0 +1,218 @@
+"""The library's entry point: `optimize` (load, GKP, N:M, the latency guard, check, validate,
+report) and `build_pipeline`, which builds the passes from the options.
+
+    load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups
+         -> select_kernels -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers
+         -> nm_sparsify [-> reconstruct_nm] -> check (onnx.checker + shape inference)
+         -> validate (onnxruntime) -> report
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import onnx
+
+from gkp_onnx.cache import cache_dir
+from gkp_onnx.choice import GroupScore
+from gkp_onnx.cost import AnalyticCpuCost, CostModel, MeasuredCost, nchwc_block_size
+from gkp_onnx.errors import GkpError
+from gkp_onnx.graph import InputSpec, clear_marks, ensure_node_names, graph_inputs, input_specs, model_stats
+from gkp_onnx.guard import never_slower, slower
+from gkp_onnx.model_io import check_model, load_model
+from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm
+from gkp_onnx.options import OptimizeOptions
+from gkp_onnx.passes.analyze import Analyze
+from gkp_onnx.passes.choose_groups import ChooseGroups
+from gkp_onnx.passes.cluster import ClusterFilters
+from gkp_onnx.passes.fold_gathers import FoldGathers
+from gkp_onnx.passes.nm_sparsify import NmSparsify
+from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
+from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
+from gkp_onnx.passes.rewrite_conv import RewriteConv
+from gkp_onnx.passes.select_kernels import SelectKernels
+from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
+from gkp_onnx.pipeline import Pass, run_passes
+from gkp_onnx.plan import Plan
+from gkp_onnx.report import Report
+from gkp_onnx.validate import RANDOM_BATCH, Dataset, channel_rms, compare, load_dataset, random_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    """The GKP passes of one run, built once from the options (`build_pipeline`)."""
+
+    analyze: list[Pass]  # analyze
+    decide: list[Pass]  # [partition_streams ->] cluster -> choose_groups -> select_kernels (on the plan)
+    finish: list[Pass]  # permute_streams -> rewrite_conv [-> reconstruct] [-> fold_gathers] (on the model)
+    partition: list[Pass]  # partition_streams, when offered: it reorders the model the decisions are made on
+
+    def run(self, model: onnx.ModelProto, plan: Plan, details: dict, replay: bool = False
+            ) -> tuple[onnx.ModelProto, Plan]:
+        """Decide on `model` and fill `plan` (or, with `replay`, take `plan` as decided), then build
+        the optimized model; what the passes find beyond the plan goes into `details`."""
+        if replay:
+            return run_passes(self.finish, model, plan, details)
+        run_passes(self.analyze, model, plan)
+        if not plan.layers or not self.decide:
+            return model, plan
+        analysed, plan = run_passes(self.partition, model, plan)  # decisions on the reordered model
+        _, plan = run_passes(self.decide, analysed, plan)
+        return run_passes(self.finish, model, plan, details)
+
+
+def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list[re.Pattern] = (),
+                   reference: onnx.ModelProto | None = None, data: Dataset | None = None) -> Pipeline:
+    """The passes `opts` asks for; `reference` and `data` feed reconstruction (opts.reconstruct)."""
+    finish = [PermuteStreams(), RewriteConv()] + ([Reconstruct(reference, data)] if opts.reconstruct else []) \
+        + ([FoldGathers()] if opts.fold else [])
+    if not opts.gkp:
+        return Pipeline([], [], finish, [])
+    scorer = GroupScore(_cost_model(opts), opts.speed_weight, opts.method, opts.seed)
+    decide = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=scorer.viable_group_counts,
+                             cache=cache_dir() if opts.cache else None, method=opts.method),
+              ChooseGroups(scorer, never_slower=opts.groups is None), SelectKernels(opts.method, opts.seed)]
+    partition = [PartitionStreams(opts.seed)] if opts.share_streams and opts.groups is None else []
+    return Pipeline([Analyze(specs, list(patterns), opts.include_stem, _channel_multiple(opts))], decide, finish,
+                    partition)
+
+
+def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
+    """Prune every eligible Conv with Grouped Kernel Pruning (and, with nm="2:4", sparsify
+    MatMul/Gemm weights N:M); return the new model and its report.
+
+    `model` is never modified. Keyword options are the fields of `OptimizeOptions`
+    (ratio, groups, method, exclude, seed, calib, nm, ...).
+    """
+    opts = OptimizeOptions(**options)
+    patterns = opts.checked()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    source = str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
+    original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    given = onnx.ModelProto()  # the input as given (node names filled in): the reference of every comparison
+    given.CopyFrom(original)
+    ensure_node_names(given)
+    working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
+    specs = input_specs(given, opts.input_shapes)
+    data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pipeline = build_pipeline(opts, specs, patterns, working, data)
+    details: dict = {}
+    plan = Plan.load(opts.plan) if opts.plan else Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
+    optimized, plan = pipeline.run(working, plan, details, replay=bool(opts.plan))
+    timings["optimize"] = time.perf_counter() - start
+    nm_result = None
+    if opts.nm:
+        start = time.perf_counter()
+        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working)
+        timings["nm_sparsify"] = time.perf_counter() - start
+    if not plan.layers and not (nm_result and nm_result.layers):
+        raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
+    latency = None
+    if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
+        start = time.perf_counter()
+
+        def rebuild(reverted: Plan) -> onnx.ModelProto:
+            details.clear()
+            rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
+            if opts.nm:
+                rebuilt, _ = _nm_sparsity(rebuilt, opts, patterns, data, working)
+            return rebuilt
+
+        optimized, latency = never_slower(given, optimized, plan, opts, rebuild)
+        timings["bench"] = time.perf_counter() - start
+
+    clear_marks(optimized)  # the marks are for the passes; the output carries none
+    check_model(optimized, what="(optimized)")
+    try:
+        onnx.shape_inference.infer_shapes(optimized, strict_mode=True)
+    except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
+        raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
+    report = Report(source=source, plan=plan, before=model_stats(given, specs),
+                    after=model_stats(optimized, specs), timings=timings, nm=nm_result)
+    if nm_result:
+        nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
+    if opts.reconstruct:
+        report.reconstruction = {**details.get("reconstruction", {}),
+                                 **(nm_result.reconstruction if nm_result else {})}
+    if opts.validate:
+        start = time.perf_counter()
+        data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None)
+        report.fidelity = compare(given, optimized, data)
+        report.failures = opts.thresholds.failures(report.fidelity)
+        timings["validate"] = time.perf_counter() - start
+    if latency is not None:
+        report.latency = latency
+        report.failures += [f"optimized model is slower than the input on {t.provider} at batch {t.batch} "
+                            f"({t.speedup:.2f}x)" for t in slower(latency)]
+    return optimized, report
+
+
+def _channel_multiple(opts: OptimizeOptions) -> int:
+    """The multiple kept channels are rounded to: as given, or onnxruntime CPU's NCHWc block."""
+    return nchwc_block_size() if opts.channel_multiple == "auto" else opts.channel_multiple
+
+
+def _cost_model(opts: OptimizeOptions) -> CostModel:
+    if opts.cost_model in (None, "analytic"):
+        return AnalyticCpuCost(block=nchwc_block_size())
+    if opts.cost_model != "measured":
+        return opts.cost_model
+    return MeasuredCost(provider=opts.bench_providers[0], threads=opts.bench_threads,
+                        batch=opts.bench_batches[0] if opts.bench_batches else 1)
+
+
+def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
+                 data: Dataset | None, original: onnx.ModelProto) -> tuple[onnx.ModelProto, NmResult]:
+    """N:M sparsity [-> refit of the kept weights towards `original`'s layer outputs]."""
+    n, m = parse_nm(opts.nm)
+    ops = NM_OPS + (("Conv",) if opts.nm_conv else ())
+    norms = {}
+    if data is not None:  # calibration-aware scores: |w| * RMS of the input channel
+        refs, _ = nm_candidates(model, n, m, ops, patterns, opts.nm_include_head)
+        nodes = {node.name: node for node in model.graph.node}
+        axes = {nodes[ref.node].input[0]: (1 if ref.op == "Conv" else -1) for ref in refs}
+        rms = channel_rms(model, axes, data)
+        norms = {ref.node: rms[nodes[ref.node].input[0]] for ref in refs}
+    sparsify = NmSparsify(n, m, opts.nm_conv, opts.nm_include_head, patterns, norms, opts.nm_permute, seed=opts.seed)
+    plan, details = Plan(ratio=0.0, method="nm", seed=opts.seed), {}
+    model, _ = run_passes([sparsify], model, plan, details, keep=True)  # `model` may still be the reference
+    result = details["nm"]
+    if opts.reconstruct:
+        refit = ReconstructNm(original, data, [layer.node for layer in result.layers], details["output_orders"])
+        model, _ = run_passes([refit], model, plan, details)
+        result.reconstruction = details["reconstruction"]
+    return model, result
+
+
+def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions) -> str:
+    why = []
+    if opts.gkp:
+        reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "the model has no Conv"
+        why.append(f"no Conv the GKP passes can prune ({reasons})")
+    if nm_result is not None:
+        reasons = "; ".join(sorted({reason for _, reason in nm_result.skipped})) or "the model has no MatMul/Gemm"
+        why.append(f"no weight N:M can sparsify ({reasons})")
+    elif opts.gkp:
+        why.append("for MatMul/Gemm models use --nm 2:4")
+    return ", ".join(why) or "GKP and N:M are both off"
+
+
+def _share_of_macs(node_macs: dict[str, int | None], nodes: set[str]) -> float:
+    known = {name: macs for name, macs in node_macs.items() if macs}
+    total = sum(known.values())
+    return sum(macs for name, macs in known.items() if name in nodes) / total if total else 0.0
+
+
+def _dynamic_batch(model: onnx.ModelProto) -> bool:
+    dims = graph_inputs(model)[0].type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")

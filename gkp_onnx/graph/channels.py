@@ -1,0 +1,259 @@
+"""The channel-dependency graph: which ops act on each channel separately (the one op table),
+the walks along a channel axis (up to the Conv that produces it, down to the layer that
+contracts it), and the channel spaces whose order can be changed for free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gkp_onnx.graph.index import node_attr
+
+
+GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+
+
+# Element-wise ops of one tensor input (Clip's min/max are scalars): they act on each channel alone
+# whatever the channel axis, so the Conv walks (axis 1) and the N:M regions (last axis) share them.
+UNARY_ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
+                     "Softplus", "Mish", "Identity", "Erf", "Gelu", "Neg", "Abs", "Exp", "Cast"}
+
+
+BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
+
+
+def is_per_channel(node, initializers) -> bool:
+    """An op acting on each channel separately (its constants per-channel or broadcast)."""
+    if node.op_type in POOLS:
+        return len(node.output) == 1 or not node.output[1]  # MaxPool's Indices output: channel-indexed
+    if node.op_type in UNARY_ELEMENTWISE:
+        return True
+    if node.op_type == "PRelu":
+        return channel_constant(node.input[1], initializers) is not None
+    if node.op_type == "BatchNormalization":
+        return all(name in initializers for name in node.input[1:5])
+    if node.op_type in BINARY_PER_CHANNEL:
+        return node.input[0] not in initializers and channel_constant(node.input[1], initializers) is not None
+    return False
+
+
+def channel_constant(name, initializers) -> str | None:
+    """'broadcast' when the constant has size 1 on the channel axis, 'per_channel' for a [C, 1, 1]
+    layout (rank <= 4, channel axis = rank - 3), None otherwise."""
+    if name not in initializers:
+        return None
+    dims = list(initializers[name].dims)
+    if all(d == 1 for d in dims):
+        return "broadcast"
+    if 3 <= len(dims) <= 4 and dims[-1] == 1 and dims[-2] == 1 and all(d == 1 for d in dims[:-3]):
+        return "per_channel"
+    return None
+
+
+def gather_index(node, initializers) -> np.ndarray | None:
+    """The constant 1-D indices of a channel Gather (axis 1), else None."""
+    if node.op_type != "Gather" or node_attr(node, "axis", 0) != 1 or node.input[1] not in initializers:
+        return None
+    index = numpy_helper.to_array(initializers[node.input[1]])
+    return index if index.ndim == 1 and (index >= 0).all() else None
+
+
+def chain_index(chain, index, initializers) -> list[np.ndarray]:
+    """The index each chain node (nearest first) is re-indexed with, then the one for the top:
+    crossing a Gather with indices P upward maps I to P[I]."""
+    indices = []
+    for node in chain:
+        indices.append(index)
+        gathered = gather_index(node, initializers)
+        if gathered is not None:
+            index = gathered[index]
+    return indices + [index]
+
+
+def channel_count(tensor, producers, initializers) -> int | None:
+    """Channels of `tensor` when a Conv or channel Gather above it (through per-channel ops) says."""
+    node = producers.get(tensor)
+    while node is not None and is_per_channel(node, initializers):
+        node = producers.get(node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Conv" and node.input[1] in initializers:
+        return initializers[node.input[1]].dims[0]
+    index = gather_index(node, initializers)
+    return None if index is None else len(index)
+
+
+def walk_to_producer(tensor, producers, readers, outputs, initializers):
+    """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
+
+    Returns (top, chain): chain lists the nodes passed, nearest first; top is the Conv where the
+    walk ended (its weight and bias constants read by nothing else; any group count), or None."""
+    chain = []
+    while True:
+        node = producers.get(tensor)
+        if node is None or readers[tensor] != 1 or tensor in outputs:
+            return None, chain
+        if node.op_type == "Conv":
+            params = [name for name in node.input[1:] if name]
+            if any(p not in initializers or readers[p] != 1 for p in params):
+                return None, chain
+            return node, chain
+        if gather_index(node, initializers) is None and not is_per_channel(node, initializers):
+            return None, chain
+        chain.append(node)
+        tensor = node.input[0]
+
+
+def walk_to_consumer(tensor, consumers, readers, outputs, initializers):
+    """Walk down from `tensor` through per-channel ops (and Flatten after a global pool) to the
+    layer that contracts its channel axis: a Conv with group 1, or a Gemm/MatMul after the Flatten,
+    its weight a constant read by nothing else. Each tensor read once, none a graph output.
+
+    Returns (chain, consumer): the nodes passed, nearest first, and the layer, or None."""
+    chain, flat = [], False
+    while tensor not in outputs and readers[tensor] == 1 and consumers[tensor].input[0] == tensor:
+        node = consumers[tensor]
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm"):
+            ok = weight in initializers and readers[weight] == 1 and node_attr(node, "group", 1) == 1 \
+                and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or len(initializers[weight].dims) == 2)
+            return chain, (node if ok else None)
+        if node.op_type == "Flatten" and node_attr(node, "axis", 1) == 1 and chain \
+                and chain[-1].op_type.startswith("Global") and not flat:
+            flat = True
+        elif flat or not is_per_channel(node, initializers):
+            break
+        chain.append(node)
+        tensor = node.output[0]
+    return chain, None
+
+
+def reduction_axis(node: onnx.NodeProto, rank: int) -> int:
+    if node.op_type == "Gemm":
+        trans_b = node_attr(node, "transB", 0)
+        return 1 if trans_b else 0
+    if node.op_type == "Conv":
+        return 1
+    return rank - 2  # MatMul B [..., K, N]
+
+
+
+
+@dataclass
+class Component:
+    """One channel space: its tensors and the nodes a reordering touches."""
+
+    tensors: set[str]
+    channels: int = 0
+    producers: list[onnx.NodeProto] = field(default_factory=list)  # Convs writing it: rows reordered
+    inner: list[onnx.NodeProto] = field(default_factory=list)  # per-channel nodes inside: parameters reordered
+    consumers: list[onnx.NodeProto] = field(default_factory=list)  # Convs reading it: input axis reordered
+    heads: list[onnx.NodeProto] = field(default_factory=list)  # Gemm/MatMul after global pool + Flatten
+
+    @property
+    def key(self) -> str:
+        """The tensor that names the component in `plan.permutations`: its first producer's output."""
+        return self.producers[0].output[0]
+
+
+def components(model: onnx.ModelProto) -> list[Component]:
+    """Every channel space of the graph that can be reordered (see the module doc), in graph order."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {o: node for node in graph.node for o in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    joined = set()  # id() of the nodes inside channel spaces
+    for node in graph.node:
+        if is_per_channel(node, initializers):
+            tensors = [node.input[0], node.output[0]]
+        elif node.op_type in BINARY_PER_CHANNEL and len(node.input) == 2 \
+                and not any(name in initializers for name in node.input):
+            tensors = [*node.input, node.output[0]]
+        else:
+            continue
+        joined.add(id(node))
+        for name in tensors[1:]:
+            parent[root(name)] = root(tensors[0])
+    members: dict[str, set[str]] = {}
+    for name in list(parent):
+        members.setdefault(root(name), set()).add(name)
+    for node in graph.node:  # every Conv output starts a channel space, joined or not
+        if node.op_type == "Conv" and node.output[0] not in parent:
+            members[node.output[0]] = {node.output[0]}
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    outside = {v.name for v in graph.output} | {v.name for v in graph.input}
+    found = [_checked(tensors, producers, readers, joined, initializers, order, outside) for tensors in members.values()]
+    return sorted((c for c in found if c is not None), key=lambda c: order[id(c.producers[0])])
+
+
+def _checked(tensors, producers, readers, joined, initializers, order, outside) -> Component | None:
+    """The component of `tensors`, None when it cannot be reordered (`order`: node id -> position)."""
+    component = Component(tensors=tensors)
+    widths = []
+    inner = {}
+    for tensor in sorted(tensors, key=lambda t: (order[id(producers[t])] if t in producers else -1, t)):
+        node = producers.get(tensor)
+        if tensor in outside or tensor in initializers or node is None:
+            return None
+        if id(node) in joined:
+            inner[id(node)] = node
+        elif _plain_conv(node, initializers, rows=True):
+            component.producers.append(node)
+            widths.append(initializers[node.input[1]].dims[0])
+        else:
+            return None
+        for reader in readers.get(tensor, []):
+            if id(reader) in joined:
+                continue
+            if _plain_conv(reader, initializers) and reader.input[0] == tensor and tensor not in reader.input[1:]:
+                component.consumers.append(reader)
+                widths.append(initializers[reader.input[1]].dims[1])
+            elif (head := _head(reader, tensor, producers, readers, initializers, outside)) is not None:
+                component.heads.append(head)
+                weight = initializers[head.input[1]]
+                widths.append(weight.dims[reduction_axis(head, len(weight.dims))])
+            else:
+                return None
+    if not component.producers or len(set(widths)) != 1:
+        return None
+    component.channels = widths[0]
+    component.inner = sorted(inner.values(), key=lambda node: order[id(node)])
+    component.consumers.sort(key=lambda node: order[id(node)])
+    return component
+
+
+def _plain_conv(node, initializers, rows: bool = False) -> bool:
+    """A Conv with group 1 and a constant weight (and bias, when its filters are reordered)."""
+    if node.op_type != "Conv" or node_attr(node, "group", 1) != 1 or node.input[1] not in initializers:
+        return False
+    return not rows or len(node.input) < 3 or not node.input[2] or node.input[2] in initializers
+
+
+def _head(flatten, tensor, producers, readers, initializers, outside):
+    """The Gemm/MatMul that reads `tensor` through Flatten(axis 1) after a global pool, else None."""
+    if flatten.op_type != "Flatten" or node_attr(flatten, "axis", 1) != 1 \
+            or producers[tensor].op_type not in GLOBAL_POOLS or flatten.output[0] in outside:
+        return None
+    heads = readers.get(flatten.output[0], [])
+    if len(heads) != 1 or heads[0].input[0] != flatten.output[0] or heads[0].op_type not in ("Gemm", "MatMul"):
+        return None
+    head = heads[0]
+    if len(head.input) < 2 or head.input[1] not in initializers or node_attr(head, "transA", 0) \
+            or (head.op_type == "MatMul" and len(initializers[head.input[1]].dims) != 2):
+        return None
+    return head

@@ -1,0 +1,69 @@
+"""Who produces and reads each tensor, node attributes and names, initializers by name, and the
+marks gkp-onnx leaves on nodes (in `metadata_props`, never in names)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import onnx
+from onnx import helper
+
+
+class GraphIndex(NamedTuple):
+    """Who produces and who reads each tensor: what the graph walks of the passes look up."""
+    producers: dict[str, onnx.NodeProto]  # tensor -> the node writing it
+    consumers: dict[str, onnx.NodeProto]  # tensor -> a node reading it (the one, where it is read once)
+    readers: Counter  # tensor -> how many node inputs read it
+    outputs: set[str]  # graph output names
+
+
+def graph_index(graph: onnx.GraphProto) -> GraphIndex:
+    return GraphIndex({o: node for node in graph.node for o in node.output},
+                      {name: node for node in graph.node for name in node.input},
+                      Counter(name for node in graph.node for name in node.input),
+                      {o.name for o in graph.output})
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node attribute, or `default` when the node does not set it."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (plans and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+MARK_PREFIX = "gkp_onnx:"
+SHORTCUT_CONV = "shortcut_conv"  # a Conv shortcut_convs made of a zero-padding shortcut
+
+
+def mark(node: onnx.NodeProto, key: str, value: str = "1") -> None:
+    """Leave a mark on `node` (a node metadata_props entry) that later passes read with `marked`."""
+    entry = next((p for p in node.metadata_props if p.key == MARK_PREFIX + key), None) or node.metadata_props.add()
+    entry.key, entry.value = MARK_PREFIX + key, value
+
+
+def marked(node: onnx.NodeProto, key: str) -> bool:
+    return any(p.key == MARK_PREFIX + key for p in node.metadata_props)
+
+
+def clear_marks(model: onnx.ModelProto) -> None:
+    """Remove every gkp-onnx mark, in place: the output model carries none."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if not p.key.startswith(MARK_PREFIX)]
+        if len(kept) != len(node.metadata_props):
+            node.ClearField("metadata_props")
+            node.metadata_props.extend(kept)
+
+
+def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers by name (the protos themselves: editing one edits the graph)."""
+    return {t.name: t for t in graph.initializer}
