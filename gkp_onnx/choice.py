@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gkp_onnx.cost import DEFAULT_SPEED_WEIGHT, AnalyticCpuCost, CostModel
+from gkp_onnx.cost import AnalyticCpuCost, CostModel
+from gkp_onnx.options import DEFAULT_SPEED_WEIGHT
 from gkp_onnx.plan import Candidate, LayerPlan
 from gkp_onnx.scoring import (max_retained_importance, retained_importance, select, shared_blocks, shared_groups,
                               shared_view)

@@ -38,36 +38,12 @@ import torch.nn.functional as F
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import input_specs
 from gkp_onnx.model_io import load_model
+from gkp_onnx.options import RecoverOptions
 from gkp_onnx.torch_graph import TorchGraph, write_back
 from gkp_onnx.validate import Dataset
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "recover.pt"
-
-
-@dataclass
-class RecoverOptions:
-    epochs: int = 3
-    lr: float = 1e-4
-    batch: int = 64
-    weight_decay: float = 0.0
-    temperature: float = 4.0
-    labels: bool = False  # add cross-entropy on the data's labels
-    augment: bool = True  # random crop + flip for image inputs
-    device: str = "cpu"
-    seed: int = 0
-    checkpoint: str | None = None  # folder; resumed from when it holds a checkpoint of this run
-    checkpoint_every: int = 200  # steps (and at the end of every epoch)
-    max_steps: int | None = None  # stop this invocation after so many steps (checkpoint kept)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise GkpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise GkpError("--lr and --temperature must be positive")
-        if self.device not in ("cpu", "cuda"):
-            raise GkpError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
 @dataclass

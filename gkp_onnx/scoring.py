@@ -34,9 +34,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from gkp_onnx.options import SELECTION_METHODS  # noqa: F401 (the methods `select` takes)
 from gkp_onnx.plan import LayerPlan
 
-SELECTION_METHODS = ("leanflex", "l2", "random", "tmi", "sr")
 MEDIAN_WEIGHT = 0.5
 KEPT_SHARE, BALANCER = 0.2, 2.0  # TMI-GKP's cost (its ResNet-56 setting)
 TMI_STARTS = 64  # greedy runs per group at most

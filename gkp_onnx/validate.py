@@ -228,24 +228,6 @@ def compare(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, 
     return fidelity(run_model(ref_session, data), run_model(new_session, data), names, data)
 
 
-@dataclass
-class Thresholds:
-    max_abs_diff: float | None = None
-    min_cosine: float | None = None
-    min_top1_agreement: float | None = None
-
-    def failures(self, result: Fidelity) -> list[str]:
-        missed = []
-        if self.max_abs_diff is not None and result.max_abs_diff > self.max_abs_diff:
-            missed.append(f"max abs diff {result.max_abs_diff:.3g} > {self.max_abs_diff:g}")
-        if self.min_cosine is not None and result.min_cosine < self.min_cosine:
-            missed.append(f"cosine {result.min_cosine:.6f} < {self.min_cosine:g}")
-        if self.min_top1_agreement is not None and result.top1_agreement is not None \
-                and result.top1_agreement < self.min_top1_agreement:
-            missed.append(f"top-1 agreement {result.top1_agreement:.4f} < {self.min_top1_agreement:g}")
-        return missed
-
-
 def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
     """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis)."""
     session = make_session(with_outputs(model, list(tensors)))

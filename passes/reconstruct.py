@@ -24,16 +24,20 @@ the same Gram matrix), so a layer never gets worse than before. The captures com
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
-import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 
 from gkp_onnx.graph import node_attr, permuted
+from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.validate import Dataset, batches, make_session
+
+if TYPE_CHECKING:  # torch is imported where it is used: it is an optional dependency
+    import torch
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -60,6 +64,9 @@ def explicit_pads(attrs: dict, in_hw: tuple[int, int], kernel: list[int]) -> lis
 def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
     """im2col in float32: [N, C*kh*kw, L] (channel-major, as Conv weights are laid out). The Gram
     products are summed per batch in float32 and accumulated across batches in float64."""
+    import torch
+    import torch.nn.functional as F
+
     top, left, bottom, right = explicit_pads(attrs, x.shape[2:], kernel)
     tensor = F.pad(torch.from_numpy(x.astype(np.float32)), (left, right, top, bottom))
     return F.unfold(tensor, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
@@ -73,6 +80,7 @@ class Reconstruct(Pass):
     in_place = True  # edits the model's weights or nodes in place
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, ridge: float = 1e-3, shortcut: bool = True):
+        require_torch("reconstruction (--reconstruct)")
         self.original = original
         self.data = data
         self.ridge = ridge
@@ -164,6 +172,8 @@ def _normal_equations(pairs, attrs: dict, kernel: list[int], channels: np.ndarra
     patches(X[:, channels]) @ coef = Y[:, order], D = len(channels)*kh*kw + 1 (the last column is
     ones, for the bias). One Gram serves every group, whichever of the channels it reads. Per batch
     the products are summed in float32, across batches in float64."""
+    import torch
+
     gram = cross = energy = 0.0
     for x, y in pairs:
         cols = patches(np.ascontiguousarray(x[:, channels]), attrs, kernel)  # [N, C*k, L]
@@ -193,6 +203,7 @@ class ReconstructNm(Pass):
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
                  output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3):
+        require_torch("reconstruction (--reconstruct)")
         self.original = original
         self.data = data
         self.layers = layers
@@ -220,6 +231,8 @@ class ReconstructNm(Pass):
 
     def _refit(self, node, view, reference_view, pairs, init) -> None:
         """`pairs`: per batch, (the layer's input in the sparse model, in the original)."""
+        import torch
+
         features, weight, store = view
         reference_features, reference_weight, _ = reference_view
         order = self.output_orders.get(node.name, np.arange(weight.shape[1]))
@@ -260,6 +273,8 @@ class ReconstructNm(Pass):
 
 def _quadratic(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """w^T G w - 2 w^T c per batch entry."""
+    import torch
+
     return torch.einsum("bi,bij,bj->b", w, gram, w) - 2 * (w * cross).sum(1)
 
 
@@ -267,6 +282,8 @@ def _linear_view(node: onnx.NodeProto, initializers: dict):
     """(features, W [D, out], store): `features` maps the layer's input to rows [samples, D] (torch,
     float32) with the layer's linear part = rows @ W; `store` puts a W back into the initializer's
     layout. None when the weight is not a plain initializer or the layout is not handled."""
+    import torch
+
     if len(node.input) < 2 or node.input[1] not in initializers:
         return None
     weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)

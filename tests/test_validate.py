@@ -5,7 +5,8 @@ from fixtures import TOPOLOGIES
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import input_specs
-from gkp_onnx.validate import Dataset, Thresholds, fidelity, load_dataset, random_dataset
+from gkp_onnx.options import Thresholds
+from gkp_onnx.validate import Dataset, fidelity, load_dataset, random_dataset
 
 
 def test_fidelity_metrics():

@@ -10,7 +10,6 @@ import numpy as np
 from gkp_onnx.plan import LayerPlan
 
 
-DEFAULT_SPEED_WEIGHT = 0.25
 
 
 class CostModel(Protocol):

@@ -1,0 +1,54 @@
+"""The gkp-onnx command line: one module per subcommand, argument groups shared (args.py); it
+parses arguments and calls the library, no algorithm lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gkp_onnx.cli import bench, compare, demo, inspect, optimize, recover
+from gkp_onnx.errors import GkpError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit code 2), like every other bad input; -h shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gkp-onnx", description="Grouped Kernel Pruning compiler for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for command in (optimize, inspect, compare, recover, bench, demo):
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # graph-optimizer warnings are noise on a terminal
+    try:
+        return args.func(args)
+    except GkpError as exc:
+        print(f"gkp-onnx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gkp-onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"gkp-onnx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+

@@ -1,0 +1,5 @@
+import sys
+
+from gkp_onnx.cli import main
+
+sys.exit(main())

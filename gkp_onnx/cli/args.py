@@ -1,0 +1,149 @@
+"""Argument groups the subcommands share (a flag means the same thing everywhere), the value
+parsers, and the mapping from parsed arguments to the library's options. Defaults come from
+gkp_onnx.options, where they are written once."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, SELECTION_METHODS, OptimizeOptions,
+                              Thresholds)
+
+
+def input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME:D0,D1,... with positive dims, got {text!r}")
+    return name, shape
+
+
+def group_count(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}") from None
+
+
+def multiple(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def batches(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes like 1,8,64, got {text!r}")
+    return values
+
+
+def add_shapes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", type=input_shape, default=[], metavar="NAME:D0,D1,..",
+                        help="concrete shape for an input with dynamic dims (repeatable); "
+                             "a dynamic batch dim defaults to 1")
+
+
+def add_images(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image folders (DIR/<class>/<image> as data: preprocessing)")
+    group.add_argument("--resize", type=int, metavar="PX", help="resize the shorter side to PX (default: --crop)")
+    group.add_argument("--crop", type=int, metavar="PX", help="centre crop PX x PX (default: the model's input size)")
+    group.add_argument("--mean", type=floats, default=(0.0, 0.0, 0.0), metavar="R,G,B",
+                       help="subtracted after scaling pixels to [0, 1] (default 0)")
+    group.add_argument("--std", type=floats, default=(1.0, 1.0, 1.0), metavar="R,G,B",
+                       help="divided by after subtracting the mean (default 1)")
+    group.add_argument("--bgr", action="store_true", help="the model takes BGR channel order")
+
+
+def images(args: argparse.Namespace):
+    from gkp_onnx.images import ImageSpec
+
+    return ImageSpec(args.resize, args.crop, args.mean, args.std, args.bgr)
+
+
+def add_thresholds(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fidelity thresholds (exit code 1 when missed)")
+    group.add_argument("--max-abs-diff", type=float)
+    group.add_argument("--min-cosine", type=float)
+    group.add_argument("--min-top1-agreement", type=float, help="fraction in [0, 1]")
+
+
+def thresholds(args: argparse.Namespace) -> Thresholds:
+    return Thresholds(getattr(args, "max_abs_diff", None), getattr(args, "min_cosine", None),
+                      getattr(args, "min_top1_agreement", None))
+
+
+def add_pruning(parser: argparse.ArgumentParser) -> None:
+    """The options of `optimize` that choose what is pruned (optimize and demo)."""
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
+                       help=f"share of input channels each filter group drops, in [0, 1) (default {DEFAULTS.ratio})")
+    group.add_argument("--groups", type=group_count, default=DEFAULTS.groups, metavar="auto|N",
+                       help="group count for every layer, or 'auto' to choose per layer (default)")
+    group.add_argument("--method", default=DEFAULTS.method, choices=SELECTION_METHODS,
+                       help=f"kernel selection: leanflex, l2, random, or the prior art tmi (TMI-GKP), "
+                            f"sr (SR-GKP, also groups filters by smoothness) (default {DEFAULTS.method})")
+    group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                       help="leave Convs whose node or weight name matches dense (repeatable)")
+    group.add_argument("--include-stem", action="store_true", help="also prune the stem Conv")
+    group.add_argument("--min-group-width", type=int, default=DEFAULTS.min_group_width,
+                       help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
+    group.add_argument("--speed-weight", type=float, default=DEFAULTS.speed_weight,
+                       help=f"weight of estimated latency vs kept importance in the auto choice "
+                            f"(default {DEFAULT_SPEED_WEIGHT})")
+    group.add_argument("--cost-model", choices=COST_MODELS, default=DEFAULTS.cost_model,
+                       help="latency estimate for the auto group count: analytic (onnxruntime-CPU rules) or "
+                            "measured (micro-benchmarks on this machine and provider, cached on disk)")
+    group.add_argument("--channel-multiple", type=multiple, default=DEFAULTS.channel_multiple, metavar="K|auto",
+                       help="from K channels up, keep a multiple of K per layer (1: no rounding; auto, the "
+                            "default: onnxruntime CPU's NCHWc block, 16 with AVX512, 8 with AVX2); the ratio "
+                            "holds over the model, not per layer")
+    group.add_argument("--no-share-streams", dest="share_streams", action="store_false",
+                       help="auto: do not offer Convs reading a residual stream or fan-out tensor the shared "
+                            "channel partition (G = Ci / n, no Gather; the stream's channels are reordered)")
+    group.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
+    group.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="recompute the filter clustering instead of reusing it from $GKP_ONNX_CACHE "
+                            "or ~/.cache/gkp-onnx")
+    nm = parser.add_argument_group("N:M sparsity (MatMul/Gemm weights; TensorRT sparse tensor cores)")
+    nm.add_argument("--nm", metavar="N:M", help="keep N of every M weights along the reduction axis, e.g. 2:4")
+    nm.add_argument("--nm-conv", action="store_true", help="also sparsify Conv weights (input-channel axis)")
+    nm.add_argument("--nm-include-head", action="store_true",
+                    help="also sparsify the layer producing a graph output (classifier / LM head)")
+    nm.add_argument("--no-nm-permute", dest="nm_permute", action="store_false",
+                    help="skip the channel-permutation search")
+
+
+def optimize_options(args: argparse.Namespace) -> dict:
+    """The OptimizeOptions fields the parsed arguments set (an argument's dest is the field's name)."""
+    given = {f.name: getattr(args, f.name) for f in fields(OptimizeOptions) if hasattr(args, f.name)}
+    return dict(given, input_shapes=dict(getattr(args, "input_shape", [])), thresholds=thresholds(args))
+
+
+def print_fidelity(result) -> None:
+    for output in result.outputs:
+        top1 = f"  top-1 agreement {100 * output.top1_agreement:.2f}%" if output.top1_agreement is not None else ""
+        print(f"{output.name}: max|diff| {output.max_abs_diff:.4g}  mean|diff| {output.mean_abs_diff:.4g}  "
+              f"cosine {output.cosine:.6f}{top1}")
+    if result.accuracy_reference is not None:
+        print(f"accuracy: {100 * result.accuracy_reference:.2f}% -> {100 * result.accuracy_candidate:.2f}% "
+              f"({result.samples} samples)")

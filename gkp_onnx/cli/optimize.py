@@ -1,0 +1,58 @@
+"""gkp-onnx optimize: prune a model, validate it, write it (and the report and plan)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gkp_onnx.cli import args as shared
+from gkp_onnx.options import DEFAULTS
+
+BENCH_FIELDS = ("bench_batches", "bench_repeats", "bench_min_time_s", "bench_providers", "bench_threads")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("optimize", help="prune an ONNX model and validate the result")
+    p.add_argument("input")
+    p.add_argument("output")
+    shared.add_pruning(p)
+    shared.add_shapes(p)
+    p.add_argument("--calib", metavar="DATA.npz|DIR", help="inputs (and labels) to validate on; else random inputs")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the kept kernels (and N:M-kept weights) layer by layer on the --calib inputs "
+                        "(no labels needed)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the report (with the plan) as JSON")
+    p.add_argument("--save-plan", metavar="PLAN.json", help="write the per-layer plan for replay")
+    p.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of analysing")
+    shared.add_thresholds(p)
+    shared.add_images(p)
+    group = p.add_argument_group("latency (--bench: measure input vs optimized with onnxruntime)")
+    group.add_argument("--bench", action="store_true")
+    group.add_argument("--bench-batch", dest="bench_batches", type=shared.batches, default=[1], metavar="B1,B2,..")
+    group.add_argument("--bench-repeats", type=int, default=DEFAULTS.bench_repeats)
+    group.add_argument("--bench-min-time", dest="bench_min_time_s", type=float, default=DEFAULTS.bench_min_time_s,
+                       metavar="S", help=f"more rounds until the timed ones last at least S seconds per batch "
+                                         f"(default {DEFAULTS.bench_min_time_s:g})")
+    group.add_argument("--providers", dest="bench_providers", nargs="+", default=DEFAULTS.bench_providers,
+                       choices=["cpu", "cuda"])
+    group.add_argument("--threads", dest="bench_threads", type=int, help="onnxruntime intra-op threads (CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gkp_onnx.api import optimize
+    from gkp_onnx.model_io import check_output_path, save_model
+
+    out = check_output_path(args.input, args.output)
+    options = shared.optimize_options(args)
+    if not args.bench:  # without --bench nothing is measured, and the bench flags are ignored
+        for name in BENCH_FIELDS:
+            del options[name]
+    optimized, report = optimize(args.input, images=shared.images(args), **options)
+    save_model(optimized, out)
+    if args.report:
+        report.save(args.report)
+    if args.save_plan:
+        report.plan.save(args.save_plan)
+    print(report.table())
+    print(f"wrote {out}")
+    return 0 if report.passed else 1
