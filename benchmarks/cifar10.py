@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from gkp_onnx import optimize
-from gkp_onnx.baselines import l1_filter_pruning
+from baselines import l1_filter_pruning  # benchmarks/baselines.py, beside this script
 from gkp_onnx.bench import bench, describe_provider
 from gkp_onnx.graph import input_specs, model_stats
 from gkp_onnx.models.cifar_resnet import load_akamaster, preprocess

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from gkp_onnx import optimize
-from gkp_onnx.baselines import l1_filter_pruning
+from baselines import l1_filter_pruning  # benchmarks/baselines.py, beside this script
 from gkp_onnx.bench import bench, describe_provider
 from gkp_onnx.cost import nchwc_block_size
 from gkp_onnx.demo import IMAGES, WEIGHTS, asset

@@ -4,7 +4,8 @@
 
 R: the share of the layer's weight energy the kept kernels hold; T: the cost model's relative
 time. `viable_group_counts` bounds R to skip the candidates that cannot win before they are
-clustered; cluster and choose_groups share one GroupScore, so neither pass calls the other.
+clustered; cluster and choose_groups share one GroupScore, so neither pass calls the other. The
+selection of each candidate is kept (`kept`), so the winner's is not computed again.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ class GroupScore:
     speed_weight: float = DEFAULT_SPEED_WEIGHT
     method: str = "leanflex"
     seed: int = 0
+    kept: dict[tuple[str, int], list[list[int]]] = field(default_factory=dict, repr=False)  # (layer, G) -> last selection
 
     def evaluate(self, layer: LayerPlan, weight: np.ndarray, group_count: int,
                   groups: list[list[int]]) -> Candidate:
-        kept = select(weight, groups, layer.kept_per_group, self.method, self.seed)
+        kept = self.kept[layer.node, group_count] = select(weight, groups, layer.kept_per_group, self.method,
+                                                           self.seed)
         retained = retained_importance(weight, groups, kept)
         cost = self.cost_model.relative_time(layer, group_count)
         return Candidate(group_count, retained, cost, retained - self.speed_weight * cost)

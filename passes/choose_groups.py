@@ -2,7 +2,8 @@
 
 Before: every layer has `candidate_groups` (cluster).
 After:  the model is unchanged; every layer has `group_count`, `groups` and `candidates` (the
-        score of every G considered).
+        score of every G considered), and `kept_channels` when the winner is a free selection
+        (the one its score was computed from).
 
 Every candidate prunes the same MACs (the layer keeps n of Ci input channels whatever G is), so
 the choice trades what the pruned layer keeps against what it costs to run:
@@ -78,6 +79,7 @@ class ChooseGroups(Pass):
             chosen = min((c for c in pool if c.score >= best - 1e-9), key=lambda c: (c.group_count, c.shared))
             layer.group_count, layer.shared = chosen.group_count, chosen.shared
             layer.groups = shared_form if chosen.shared else layer.candidate_groups[chosen.group_count]
+            layer.kept_channels = None if chosen.shared else self.scorer.kept[layer.node, chosen.group_count]
             kept.append(layer)
         plan.layers = kept
         return PassResult(model, plan, modified=False)

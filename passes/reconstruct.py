@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import node_attr, permuted
+from gkp_onnx.graph import GATHER_IN, marked, node_attr, permuted
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
@@ -104,7 +104,7 @@ class Reconstruct(Pass):
             conv = next(n for n in model.graph.node if n.name == layer.grouped_node)
             source, index = conv.input[0], np.arange(layer.group_count * layer.kept_per_group)
             gather = producers.get(source)
-            if gather is not None and gather.name.startswith(f"{layer.node}/gkp_gather_in"):  # else the identity
+            if gather is not None and marked(gather, GATHER_IN) == layer.node:  # else the identity
                 source, index = gather.input[0], numpy_helper.to_array(initializers[gather.input[1]])
             output = original_nodes[layer.node].output[0]
             targets = reference.values(output)

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from gkp_onnx.graph import GATHER_IN, mark
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 
@@ -63,24 +64,32 @@ class RewriteConv(Pass):
         graph = gs.import_onnx(model)
         names = _Names(graph)
         nodes = {n.name: n for n in graph.nodes}
+        gathers = {}  # input Gather -> the layer it serves
         for layer in plan.layers:
-            self._rewrite(graph, nodes[layer.node], layer, names)
+            gather = self._rewrite(graph, nodes[layer.node], layer, names)
+            if gather is not None:
+                gathers[gather] = layer.node
         graph.cleanup().toposort()
         rewritten = gs.export_onnx(graph)
         _keep_model_metadata(model, rewritten)
+        for node in rewritten.graph.node:
+            if node.name in gathers:
+                mark(node, GATHER_IN, gathers[node.name])
         return PassResult(rewritten, plan, modified=bool(plan.layers))
 
-    def _rewrite(self, graph: gs.Graph, conv: gs.Node, layer: LayerPlan, names: _Names) -> None:
+    def _rewrite(self, graph: gs.Graph, conv: gs.Node, layer: LayerPlan, names: _Names) -> str | None:
+        """Rewrite one Conv; returns the name of its input Gather, None when it needs none."""
         x, weight, y = conv.inputs[0], conv.inputs[1], conv.outputs[0]
         bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
         filter_order = np.concatenate(layer.groups).astype(np.int64)
         channel_index = np.concatenate(layer.kept_channels).astype(np.int64)
 
-        conv_input = x
+        conv_input, gather = x, None
         if not np.array_equal(channel_index, np.arange(layer.in_channels)):
             conv_input = gs.Variable(names(f"{layer.node}/gkp_channels"), dtype=x.dtype)
+            gather = names(f"{layer.node}/gkp_gather_in")
             graph.nodes.append(gs.Node(
-                "Gather", names(f"{layer.node}/gkp_gather_in"), attrs={"axis": 1},
+                "Gather", gather, attrs={"axis": 1},
                 inputs=[x, gs.Constant(names(f"{layer.node}/gkp_channel_index"), channel_index)],
                 outputs=[conv_input]))
 
@@ -103,6 +112,7 @@ class RewriteConv(Pass):
                 inputs=[conv_output, gs.Constant(names(f"{layer.node}/gkp_filter_restore"),
                                                  np.argsort(filter_order).astype(np.int64))],
                 outputs=[y]))
+        return gather
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:
         read = {name for node in model.graph.node for name in node.input}

@@ -1,6 +1,6 @@
 """select_kernels: choose, per filter group, the n input channels whose grouped kernels survive.
 
-Before: every layer has `group_count` and `groups` (choose_groups).
+Before: every layer has `group_count` and `groups` (choose_groups; a selection it already made is kept).
 After:  the model is unchanged; every layer has `kept_channels` (G sorted lists of n distinct
         input channels, n = kept_per_group) and `retained_importance`. A layer in the shared
         form (partition_streams) keeps its component's blocks, and its filter groups are redone
@@ -52,7 +52,8 @@ class SelectKernels(Pass):
         for layer in plan.layers:
             if not layer.shared:
                 weight = numpy_helper.to_array(weights[layer.weight])
-                layer.kept_channels = select(weight, layer.groups, layer.kept_per_group, self.method, self.seed)
+                if layer.kept_channels is None:  # choose_groups keeps the selection it scored
+                    layer.kept_channels = select(weight, layer.groups, layer.kept_per_group, self.method, self.seed)
                 layer.retained_importance = retained_importance(weight, layer.groups, layer.kept_channels)
         needed = read_outputs(model, plan)
         for layer in plan.layers:  # the shared form: blocks; filters spread so that later Gathers fold

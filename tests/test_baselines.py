@@ -1,10 +1,14 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 from onnx import numpy_helper
 
 from conftest import masked_reference, random_feed, run
 from fixtures import TOPOLOGIES
 
-from gkp_onnx.baselines import l1_filter_pruning
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from baselines import l1_filter_pruning  # noqa: E402 (a benchmark module, not part of the package)
 
 
 def test_l1_filter_pruning_keeps_the_strongest_filters_and_leaves_no_gather():

@@ -177,3 +177,28 @@ def test_shared_streams_show_in_the_report_and_can_be_turned_off(tmp_path, capsy
     gathers = [sum(n.op_type == "Gather" for n in onnx.load(tmp_path / f"{name}.onnx").graph.node)
                for name in ("shared", "plain")]
     assert gathers[0] < gathers[1]
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """Options are defined once: what the CLI passes without flags equals OptimizeOptions()."""
+    from gkp_onnx.cli import build_parser
+    from gkp_onnx.cli.args import optimize_options
+    from gkp_onnx.options import DEFAULTS, RECOVER_DEFAULTS
+
+    args = build_parser().parse_args(["optimize", "in.onnx", "out.onnx"])
+    options = optimize_options(args)
+    assert len(options) >= 20
+    for name, value in options.items():
+        if name not in ("bench_batches",):  # the CLI's batch for --bench; without --bench nothing is timed
+            assert value == getattr(DEFAULTS, name), name
+    args = build_parser().parse_args(["recover", "p.onnx", "o.onnx", "--teacher", "t.onnx", "--data", "d.npz"])
+    for name in ("epochs", "lr", "batch", "weight_decay", "temperature", "device", "seed", "checkpoint_every"):
+        assert getattr(args, name) == getattr(RECOVER_DEFAULTS, name), name
+
+
+def test_a_usage_error_loads_no_model_library():
+    """The CLI starts without onnx or torch: a usage error answers at once."""
+    script = ("import sys\nfrom gkp_onnx.cli import main\ntry:\n    main(['optimize'])\nexcept SystemExit as e:\n"
+              "    assert 'onnx' not in sys.modules and 'torch' not in sys.modules\n    sys.exit(e.code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -78,7 +78,7 @@ def test_real_resnet20_shortcuts_are_exact():
     path = shared_file("cifar10-resnet-akamaster/derived_onnx/resnet20_cifar10.onnx")
     model = load_model(path)
     converted = shortcuts_as_convs(model)
-    assert sum(marked(n, SHORTCUT_CONV) for n in converted.graph.node) == 2
+    assert sum(bool(marked(n, SHORTCUT_CONV)) for n in converted.graph.node) == 2
     assert "Pad" not in {n.op_type for n in converted.graph.node}
     feed = random_feed(model, batch=4)
     np.testing.assert_allclose(run(converted, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, GLOBAL_POOLS, POOLS, UN
                                      chain_index, channel_constant, channel_count, components, gather_index,
                                      is_per_channel, reduction_axis, walk_to_consumer, walk_to_producer)
 from gkp_onnx.graph.edit import drop_unread, permuted, reindex_params, reorder, replace_initializer, take_rows
-from gkp_onnx.graph.index import (SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
+from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
                                   marked, node_attr)
 from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, fold_constants, graph_inputs, infer_shapes,
                                    input_specs, model_stats, node_macs)

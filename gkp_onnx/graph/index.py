@@ -43,6 +43,7 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
 
 MARK_PREFIX = "gkp_onnx:"
 SHORTCUT_CONV = "shortcut_conv"  # a Conv shortcut_convs made of a zero-padding shortcut
+GATHER_IN = "gather_in"  # rewrite_conv's input Gather; the value names the layer it serves
 
 
 def mark(node: onnx.NodeProto, key: str, value: str = "1") -> None:
@@ -51,8 +52,10 @@ def mark(node: onnx.NodeProto, key: str, value: str = "1") -> None:
     entry.key, entry.value = MARK_PREFIX + key, value
 
 
-def marked(node: onnx.NodeProto, key: str) -> bool:
-    return any(p.key == MARK_PREFIX + key for p in node.metadata_props)
+def marked(node: onnx.NodeProto, key: str) -> str | None:
+    """The value of the mark `key` on `node`, None when it has none. Marks do not survive an
+    onnx-graphsurgeon round trip: a pass that rebuilds the graph with it marks its nodes after."""
+    return next((p.value for p in node.metadata_props if p.key == MARK_PREFIX + key), None)
 
 
 def clear_marks(model: onnx.ModelProto) -> None:
