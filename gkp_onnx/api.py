@@ -27,6 +27,7 @@ from gkp_onnx.model_io import check_model, load_model
 from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm
 from gkp_onnx.options import OptimizeOptions
 from gkp_onnx.passes.analyze import Analyze
+from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.passes.choose_groups import ChooseGroups
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
@@ -96,8 +97,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     start = time.perf_counter()
     source = str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
     original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    given = onnx.ModelProto()  # the input as given (node names filled in): the reference of every comparison
-    given.CopyFrom(original)
+    details: dict = {}
+    given, _ = run_passes([Canonicalize()], original, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed),
+                          details)  # the input in canonical form: the reference of every comparison
+    canonical = details.pop("canonical")
+    if given is original:
+        given = onnx.ModelProto()
+        given.CopyFrom(original)
     ensure_node_names(given)
     working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
     specs = input_specs(given, opts.input_shapes)
@@ -106,7 +112,6 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
 
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
-    details: dict = {}
     plan = Plan.load(opts.plan) if opts.plan else Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     optimized, plan = pipeline.run(working, plan, details, replay=bool(opts.plan))
     timings["optimize"] = time.perf_counter() - start
@@ -115,7 +120,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         start = time.perf_counter()
         optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working)
         timings["nm_sparsify"] = time.perf_counter() - start
-    if not plan.layers and not (nm_result and nm_result.layers):
+    if not plan.layers and not (nm_result and nm_result.layers) and (opts.ratio > 0 or opts.nm):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
     latency = None
     if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
@@ -138,7 +143,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
-                    after=model_stats(optimized, specs), timings=timings, nm=nm_result)
+                    after=model_stats(optimized, specs), timings=timings, nm=nm_result, canonical=canonical)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct:

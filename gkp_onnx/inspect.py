@@ -19,6 +19,7 @@ from gkp_onnx.cost import nchwc_block_size
 from gkp_onnx.graph import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
+from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
@@ -35,7 +36,8 @@ def tensorrt_sparse_likely(weight_shape: list[int], axis: int, is_nm: bool, n: i
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, include_stem: bool = False,
                   nm: str = "2:4") -> str:
     n, m = parse_nm(nm)
-    model = load_model(path)
+    details: dict = {}
+    model, _ = run_passes([Canonicalize()], load_model(path), Plan(ratio=0.0, method="leanflex", seed=0), details)
     ensure_node_names(model)
     specs = input_specs(model, input_shapes)
     shapes = infer_shapes(model, specs)
@@ -70,7 +72,9 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
                      params, axis, is_nm, trt, status))
 
     width = max([len(r[0]) for r in rows] + [4])
-    lines = [f"{path}: inputs " + ", ".join(f"{s.name} {_shape(s.shape)} {s.dtype}" for s in specs), "",
+    lines = [f"{path}: inputs " + ", ".join(f"{s.name} {_shape(s.shape)} {s.dtype}" for s in specs)]
+    lines += [f"input: {note}" for note in details["canonical"]] + [""]
+    lines += [
              f"{'node':<{width}}  {'op':<7} {'weight':<16} {'output':<18} {'MACs':>13} {'params':>10} "
              f"{'axis':>4} {nm:>4} {'TRT':>3}  status"]
     for name, op, weight, output, macs, params, axis, is_nm, trt, status in rows:

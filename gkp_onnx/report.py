@@ -32,6 +32,7 @@ class Report:
     nm: NmResult | None = None
     latency: list | None = None  # bench.Timing rows: input vs optimized
     reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
+    canonical: list[str] = field(default_factory=list)  # what canonicalize changed in the input on load
 
     @property
     def passed(self) -> bool:
@@ -40,7 +41,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "source": self.source,
-            "notes": [NM_NOTE] if self.nm is not None else [],
+            "notes": self.canonical + ([NM_NOTE] if self.nm is not None else []),
             "ratio": self.plan.ratio,
             "method": self.plan.method,
             "seed": self.plan.seed,
@@ -77,7 +78,7 @@ class Report:
 
     def table(self, max_layers: int = 200) -> str:
         lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
-                 f"seed {self.plan.seed}", ""]
+                 f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.canonical] + [""]
         if self.plan.layers:
             width = max([len(layer.node) for layer in self.plan.layers] + [5])
             lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "

@@ -10,7 +10,7 @@ Why. A GKP Gather folds into the Conv producing its input only when that Conv fe
 (fold_gathers). A residual stream (read by every block's first Conv and by the next stage's
 projection shortcut, and added to) and any fan-out tensor keep their Gathers: on ResNet-50 at
 ratio 0.5, 17 of them, 13% of the run on onnxruntime CPU, where each costs a reorder out of the
-NCHWc layout, the copy and a reorder back (DESIGN.md).
+NCHWc layout, the copy and a reorder back (docs/cost-model.md).
 
 The shared form. When G * n = Ci, a grouped Conv whose group b reads exactly block b of a
 partition of its Ci input channels into G blocks of n is GKP with disjoint kept sets; once the

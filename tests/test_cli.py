@@ -202,3 +202,25 @@ def test_a_usage_error_loads_no_model_library():
               "    assert 'onnx' not in sys.modules and 'torch' not in sys.modules\n    sys.exit(e.code)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_ratio_zero_is_a_lossless_request(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(model_path), str(out), "--ratio", "0"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert main(["compare", str(model_path), str(out), "--max-abs-diff", "1e-5"]) == 0
+
+
+def test_a_model_with_constant_node_weights_is_canonicalized_and_says_so(tmp_path, capsys):
+    """Weights made by Constant nodes (paddle2onnx, some tf2onnx exports) become initializers."""
+    model = TOPOLOGIES["residual"]()
+    for init in list(model.graph.initializer):
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [init.name], value=init))
+    del model.graph.initializer[:]
+    path = tmp_path / "constants.onnx"
+    onnx.save(model, path)
+    given = path.read_bytes()
+    assert main(["optimize", str(path), str(tmp_path / "o.onnx"), "--ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "input: " in out and "constant nodes folded into initializers (Constant" in out
+    assert path.read_bytes() == given

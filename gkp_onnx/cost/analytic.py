@@ -29,7 +29,7 @@ class AnalyticCpuCost:
     T(G) = (n / Ci) / efficiency(Co / G) + moves(G)      (efficiency = 1 at G = 1: a plain narrower Conv)
 
     efficiency(c) is the fraction of the ideal speed-up a grouped Conv with c output channels per
-    group reaches on onnxruntime CPU (measured on the 2-core reference machine, DESIGN.md):
+    group reaches on onnxruntime CPU (measured on the 2-core reference machine, docs/cost-model.md):
     c >= 128: 0.96, 64: 0.88, 32: 0.85, 16: 0.59, 8: 0.35, 4: 0.14, interpolated in log2(c).
 
     `block` is onnxruntime's NCHWc channel block on this CPU (cost_model.nchwc_block_size: 16 with
@@ -57,7 +57,7 @@ class AnalyticCpuCost:
     it keeps G times more of the producer: VGG-16 at ratio 0.75 chose G = 4 on the 512-wide
     layers and ran 2.15x faster than dense at batch 64, against 14.4x for plain filter pruning.
     move_cost = 25: a naive rewrite of ResNet-56 at G = 1 (every Conv behind a Gather) ran 1.43x
-    faster than dense at batch 64 instead of 2.0x (DESIGN.md), i.e. ~25 multiply-adds per moved
+    faster than dense at batch 64 instead of 2.0x (docs/cost-model.md), i.e. ~25 multiply-adds per moved
     float; ResNet-50's larger, cache-missing tensors cost more (~90, profiled at batch 8), so the
     estimate errs on the fast side there.
     """

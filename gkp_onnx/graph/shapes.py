@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph.canonical import silenced
 from gkp_onnx.graph.index import node_attr
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
@@ -99,9 +100,12 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate constant subgraphs (exporters compute pads and shapes with them) so that shape
     inference sees their values; tensor names are kept, so the shapes map back to `model`."""
-    graph = gs.import_onnx(model)
-    graph.fold_constants(error_ok=True).cleanup()
-    return gs.export_onnx(graph, do_type_check=False)
+    copy = onnx.ModelProto()  # onnx-graphsurgeon names the Constant tensors it exports in place
+    copy.CopyFrom(model)
+    with silenced():  # its notes and onnxruntime's warnings are not the user's business
+        graph = gs.import_onnx(copy)
+        graph.fold_constants(error_ok=True).cleanup()
+        return gs.export_onnx(graph, do_type_check=False)
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
