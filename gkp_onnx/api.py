@@ -23,7 +23,7 @@ from gkp_onnx.cost import AnalyticCpuCost, CostModel, MeasuredCost, nchwc_block_
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import InputSpec, clear_marks, ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.guard import never_slower, slower
-from gkp_onnx.model_io import check_model, load_model
+from gkp_onnx.model_io import check_finite, check_model, load_model
 from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm
 from gkp_onnx.options import OptimizeOptions
 from gkp_onnx.passes.analyze import Analyze
@@ -105,6 +105,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         given = onnx.ModelProto()
         given.CopyFrom(original)
     ensure_node_names(given)
+    check_finite(given, "input model")
     working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
     specs = input_specs(given, opts.input_shapes)
     data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
@@ -138,6 +139,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
 
     clear_marks(optimized)  # the marks are for the passes; the output carries none
     check_model(optimized, what="(optimized)")
+    check_finite(optimized, "optimized model")
     try:
         onnx.shape_inference.infer_shapes(optimized, strict_mode=True)
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly

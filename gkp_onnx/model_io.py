@@ -1,21 +1,24 @@
 """Loading and saving ONNX models: checked loads, atomic writes, external data for large models.
 
 The input file is never written to. Outputs go to a temporary folder inside the target
-directory and are renamed into place, so a reader never sees a half-written model.
+directory and are renamed into place (gkp_onnx/outputs.py), so a reader never sees a
+half-written model.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 # protobuf cannot serialise a message over 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -29,12 +32,21 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise GkpError(f"not a file: {path}")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
         raise GkpError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from None
     if not model.opset_import or not model.graph.node:
         raise GkpError(f"not an ONNX model (no graph or opset): {path}")
     check_model(model, what=str(path))
     return model
+
+
+def check_finite(model: onnx.ModelProto, what: str = "model") -> None:
+    """A one-line error naming the first floating-point initializer holding NaN or Inf."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type in FLOAT_TYPES:
+            values = numpy_helper.to_array(tensor)
+            if not np.isfinite(values).all():
+                raise GkpError(f"{what}: weight '{tensor.name}' holds NaN or Inf values")
 
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
@@ -51,37 +63,23 @@ def check_model(model: onnx.ModelProto, what: str = "model") -> None:
         raise GkpError(f"invalid ONNX model {what}: {_first_line(exc)}") from None
 
 
-def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
-    """Refuse an output that would overwrite the input or cannot be written; return it resolved."""
-    out = Path(output_path).resolve()
-    if input_path is not None and Path(input_path).resolve() == out:
-        raise GkpError(f"output path is the input path: {output_path} (the input is never modified)")
-    if out.is_dir():
-        raise GkpError(f"output path is a directory: {output_path}")
-    parent = out.parent
-    if not parent.is_dir():
-        raise GkpError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GkpError(f"output directory is not writable: {parent}")
-    return out
-
-
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `model` atomically; models near protobuf's 2 GiB limit get an external data file."""
+    """Write `model` atomically (outputs.Outputs); models near protobuf's 2 GiB limit get an
+    external data file beside it."""
+    from gkp_onnx.outputs import Outputs
+
     out = Path(path).resolve()
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".gkp-tmp-", dir=out.parent))
-    except OSError as exc:
-        raise GkpError(f"cannot write to {out.parent}: {exc.strerror}") from None
-    try:
-        written = _save(model, tmp_dir / out.name)
-        for file in written:
-            os.replace(file, out.parent / file.name)
-    except OSError as exc:
-        raise GkpError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with Outputs() as outputs:
+        outputs.stage(out, lambda staged: write_model(model, staged))
     return out
+
+
+def write_model(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write `model` to `path` (not atomically: see save_model); returns the files written."""
+    try:
+        return _save(model, path)
+    except OSError as exc:
+        raise GkpError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:

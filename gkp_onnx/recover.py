@@ -109,6 +109,9 @@ def recover(pruned: onnx.ModelProto | str | os.PathLike, teacher: onnx.ModelProt
             targets = reference(**inputs)
         outputs = student(**inputs)
         loss = _loss(outputs, targets, None if labels is None else labels[chosen].to(device), opts.temperature)
+        if not torch.isfinite(loss):  # NaN/Inf in the data or a diverging rate: nothing is written
+            raise GkpError(f"recover: the loss became {loss.item()} at step {step + 1}; check the data for "
+                           f"NaN/Inf values or lower --lr (nothing was written)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():

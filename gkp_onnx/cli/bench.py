@@ -27,12 +27,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from gkp_onnx.bench import bench, format_timings, timings_to_dict
+    from gkp_onnx.outputs import Outputs
 
-    timings = bench(args.models, batches=args.batch, providers=args.providers, threads=args.threads,
-                    input_shapes=dict(args.input_shape), warmup=args.warmup, repeats=args.repeats,
-                    min_time_s=args.min_time)
-    print(format_timings(timings, args.threads))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(timings_to_dict(timings), handle, indent=1)
+    with Outputs() as outputs:
+        for model in args.models:
+            outputs.read_model(model, f"model {model}")
+        json_path = outputs.add(args.json, "--json")
+        timings = bench(args.models, batches=args.batch, providers=args.providers, threads=args.threads,
+                        input_shapes=dict(args.input_shape), warmup=args.warmup, repeats=args.repeats,
+                        min_time_s=args.min_time)
+        print(format_timings(timings, args.threads))
+        outputs.stage(json_path, lambda path: path.write_text(json.dumps(timings_to_dict(timings), indent=1)))
     return 0

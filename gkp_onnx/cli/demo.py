@@ -18,5 +18,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     require_torch("the demo")
     from gkp_onnx.demo import run_demo
+    from gkp_onnx.options import OptimizeOptions
 
-    return run_demo(args.out_dir, **shared.optimize_options(args))
+    options = shared.optimize_options(args)
+    OptimizeOptions(**options).checked()  # bad options fail before the demo writes anything
+    return run_demo(args.out_dir, **options)

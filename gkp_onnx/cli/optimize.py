@@ -40,19 +40,24 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gkp_onnx.api import optimize
-    from gkp_onnx.model_io import check_output_path, save_model
+    from gkp_onnx.model_io import write_model
+    from gkp_onnx.outputs import Outputs
 
-    out = check_output_path(args.input, args.output)
-    options = shared.optimize_options(args)
-    if not args.bench:  # without --bench nothing is measured, and the bench flags are ignored
-        for name in BENCH_FIELDS:
-            del options[name]
-    optimized, report = optimize(args.input, images=shared.images(args), **options)
-    save_model(optimized, out)
-    if args.report:
-        report.save(args.report)
-    if args.save_plan:
-        report.plan.save(args.save_plan)
+    with Outputs() as outputs:  # checked before any work, written together at the end
+        outputs.read_model(args.input)
+        outputs.read(args.calib, "--calib data")
+        outputs.read(args.plan, "--plan")
+        out = outputs.add(args.output, "output", model=True)
+        report_path = outputs.add(args.report, "--report")
+        plan_path = outputs.add(args.save_plan, "--save-plan")
+        options = shared.optimize_options(args)
+        if not args.bench:  # without --bench nothing is measured, and the bench flags are ignored
+            for name in BENCH_FIELDS:
+                del options[name]
+        optimized, report = optimize(args.input, images=shared.images(args), **options)
+        outputs.stage(out, lambda path: write_model(optimized, path))
+        outputs.stage(report_path, report.save)
+        outputs.stage(plan_path, report.plan.save)
     print(report.table())
     print(f"wrote {out}")
     return 0 if report.passed else 1

@@ -40,12 +40,18 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     require_torch("recover")
     from gkp_onnx.graph import input_specs
-    from gkp_onnx.model_io import check_output_path, load_model, save_model
+    from gkp_onnx.model_io import load_model, write_model
+    from gkp_onnx.outputs import Outputs
     from gkp_onnx.recover import recover
     from gkp_onnx.validate import compare, load_dataset
 
-    out = check_output_path(args.pruned, args.output)
-    check_output_path(args.teacher, args.output)
+    outputs = Outputs()
+    outputs.read_model(args.pruned, "pruned model")
+    outputs.read_model(args.teacher, "teacher model")
+    outputs.read(args.data, "--data")
+    outputs.read(args.eval, "--eval data")
+    outputs.read(args.checkpoint, "--checkpoint folder")
+    out = outputs.add(args.output, "output", model=True)
     options = RecoverOptions(**{f.name: getattr(args, f.name) for f in fields(RecoverOptions)})
     pruned, teacher = load_model(args.pruned), load_model(args.teacher)
     specs = input_specs(teacher, dict(args.input_shape))
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if evaluation is not None:
         print("after recovery:")
         shared.print_fidelity(compare(teacher, recovered, evaluation))
-    save_model(recovered, out)
+    with outputs:
+        outputs.stage(out, lambda path: write_model(recovered, path))
     print(f"wrote {out}")
     return 0
