@@ -21,7 +21,7 @@ from gkp_onnx.cache import cache_dir
 from gkp_onnx.choice import GroupScore
 from gkp_onnx.cost import AnalyticCpuCost, CostModel, MeasuredCost, nchwc_block_size
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph import InputSpec, clear_marks, ensure_node_names, graph_inputs, input_specs, model_stats
+from gkp_onnx.graph import InputSpec, assumed_note, clear_marks, ensure_node_names, graph_inputs, input_specs, model_stats
 from gkp_onnx.guard import never_slower, slower
 from gkp_onnx.model_io import check_finite, check_model, load_model
 from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm
@@ -100,7 +100,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     details: dict = {}
     given, _ = run_passes([Canonicalize()], original, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed),
                           details)  # the input in canonical form: the reference of every comparison
-    canonical = details.pop("canonical")
+    input_notes = details.pop("canonical")
     if given is original:
         given = onnx.ModelProto()
         given.CopyFrom(original)
@@ -108,6 +108,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     check_finite(given, "input model")
     working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
     specs = input_specs(given, opts.input_shapes)
+    input_notes += [assumed_note(spec) for spec in specs if spec.assumed]
     data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
     timings["load"] = time.perf_counter() - start
 
@@ -145,7 +146,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
-                    after=model_stats(optimized, specs), timings=timings, nm=nm_result, canonical=canonical)
+                    after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct:

@@ -16,7 +16,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from gkp_onnx.cost import nchwc_block_size
-from gkp_onnx.graph import MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
+from gkp_onnx.graph import assumed_note, MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
@@ -73,7 +73,8 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
 
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{path}: inputs " + ", ".join(f"{s.name} {_shape(s.shape)} {s.dtype}" for s in specs)]
-    lines += [f"input: {note}" for note in details["canonical"]] + [""]
+    notes = details["canonical"] + [assumed_note(spec) for spec in specs if spec.assumed]
+    lines += [f"input: {note}" for note in notes] + [""]
     lines += [
              f"{'node':<{width}}  {'op':<7} {'weight':<16} {'output':<18} {'MACs':>13} {'params':>10} "
              f"{'axis':>4} {nm:>4} {'TRT':>3}  status"]

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph.canonical import WEIGHT_SLOTS
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 # protobuf cannot serialise a message over 2 GiB; stay well below it.
@@ -41,12 +42,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check_finite(model: onnx.ModelProto, what: str = "model") -> None:
-    """A one-line error naming the first floating-point initializer holding NaN or Inf."""
-    for tensor in model.graph.initializer:
-        if tensor.data_type in FLOAT_TYPES:
-            values = numpy_helper.to_array(tensor)
-            if not np.isfinite(values).all():
-                raise GkpError(f"{what}: weight '{tensor.name}' holds NaN or Inf values")
+    """A one-line error naming the first layer weight (Conv/Gemm/MatMul weight or bias, BN
+    parameter) holding NaN or Inf. Other constants may hold Inf on purpose (attention masks)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = dict.fromkeys(node.input[slot] for node in model.graph.node
+                            for slot in WEIGHT_SLOTS.get(node.op_type, ()) if slot < len(node.input))
+    for name in weights:
+        tensor = initializers.get(name)
+        if tensor is not None and tensor.data_type in FLOAT_TYPES and not np.isfinite(numpy_helper.to_array(tensor)).all():
+            raise GkpError(f"{what}: weight '{name}' holds NaN or Inf values")
 
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:

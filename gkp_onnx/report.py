@@ -20,6 +20,9 @@ NM_NOTE = ("N:M sparsity changes weight values only: dense runtimes (onnxruntime
            "(trtexec --sparsity=enable) and shows on large fp16/int8 layers only.")
 
 
+BROKEN_COSINE, BROKEN_AGREEMENT = 0.9, 0.5  # below either, a model is likely broken for use
+
+
 @dataclass
 class Report:
     source: str
@@ -32,16 +35,31 @@ class Report:
     nm: NmResult | None = None
     latency: list | None = None  # bench.Timing rows: input vs optimized
     reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
-    canonical: list[str] = field(default_factory=list)  # what canonicalize changed in the input on load
+    input_notes: list[str] = field(default_factory=list)  # what loading changed or assumed (canonical form, shapes)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def warnings(self) -> list[str]:
+        """A verdict on fidelity far below what a usable model keeps (thresholds aside)."""
+        f = self.fidelity
+        if f is None or not f.outputs:
+            return []
+        agreement = f.top1_agreement
+        if f.min_cosine >= BROKEN_COSINE and (agreement is None or agreement >= BROKEN_AGREEMENT):
+            return []
+        measured = f"cosine {f.min_cosine:.3f}" + (f", top-1 agreement {100 * agreement:.1f}%" if agreement is not None else "")
+        advice = "measure it on real inputs with --calib and repair it with --reconstruct" if f.data == "random" \
+            else "repair it with --reconstruct, or prune less (a lower --ratio)"
+        return [f"the optimized model's outputs are far from the input's on {f.data} inputs ({measured}): "
+                f"it is likely broken for use; {advice}"]
+
     def to_dict(self) -> dict:
         return {
             "source": self.source,
-            "notes": self.canonical + ([NM_NOTE] if self.nm is not None else []),
+            "notes": self.input_notes + ([NM_NOTE] if self.nm is not None else []),
             "ratio": self.plan.ratio,
             "method": self.plan.method,
             "seed": self.plan.seed,
@@ -57,6 +75,7 @@ class Report:
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "passed": self.passed,
             "failures": self.failures,
+            "warnings": self.warnings,
             "timings_s": self.timings,
             "plan": self.plan.to_dict(),
             "latency": None if self.latency is None else timings_to_dict(self.latency),
@@ -78,7 +97,7 @@ class Report:
 
     def table(self, max_layers: int = 200) -> str:
         lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
-                 f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.canonical] + [""]
+                 f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.input_notes] + [""]
         if self.plan.layers:
             width = max([len(layer.node) for layer in self.plan.layers] + [5])
             lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "
@@ -115,6 +134,7 @@ class Report:
                          f"({len(self.reconstruction)} layers refit)")
         if self.fidelity:
             lines.append("fidelity: " + self.fidelity.summary())
+        lines += [f"warning: {warning}" for warning in self.warnings]
         if self.latency:
             from gkp_onnx.bench import format_timings
             lines += ["latency (onnxruntime, interleaved medians):", format_timings(self.latency)]

@@ -224,3 +224,15 @@ def test_a_model_with_constant_node_weights_is_canonicalized_and_says_so(tmp_pat
     out = capsys.readouterr().out
     assert "input: " in out and "constant nodes folded into initializers (Constant" in out
     assert path.read_bytes() == given
+
+
+def test_a_likely_broken_result_is_called_so_and_one_shot_risk_is_said_before(model_path, tmp_path, capsys):
+    assert main(["optimize", str(model_path), str(tmp_path / "o.onnx"), "--ratio", "0.75", "--groups", "1",
+                 "--report", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("note: without --calib data, pruning at ratio 0.75 is one-shot")
+    assert "warning: the optimized model's outputs are far from the input's on random inputs" in out
+    assert json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert main(["optimize", str(model_path), str(tmp_path / "z.onnx"), "--ratio", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" not in out and "note: without --calib" not in out

@@ -60,7 +60,7 @@ def test_zoo_model_as_it_is_optimizes_and_runs(name):
         optimized, report = optimize(str(path), ratio=ratio)
         onnx.checker.check_model(optimized, full_check=True)
         assert report.passed and report.fidelity.outputs[0].cosine > 0.999
-        assert any(note.startswith("IR version 3 -> 4") for note in report.canonical)
+        assert any(note.startswith("IR version 3 -> 4") for note in report.input_notes)
     assert path.read_bytes() == given
 
 

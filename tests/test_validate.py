@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import pytest
 
 from fixtures import TOPOLOGIES
@@ -45,11 +46,23 @@ def test_load_dataset_label_count_mismatch(tmp_path):
         load_dataset(tmp_path / "d.npz", specs)
 
 
-def test_dynamic_dims_need_an_input_shape():
+def test_dynamic_dims_take_documented_defaults_or_the_given_shape():
+    from gkp_onnx.graph.shapes import DEFAULT_SEQUENCE, DEFAULT_SPATIAL
+
     model = TOPOLOGIES["chain"]()
-    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
-    with pytest.raises(GkpError, match="--input-shape x:"):
-        input_specs(model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param = "height"
+    dims[3].Clear()
+    dims[3].dim_value = -1  # some exporters write -1 for a dynamic dim
+    spec = input_specs(model)[0]
+    assert spec.shape == [1, 8, DEFAULT_SPATIAL, DEFAULT_SPATIAL] and spec.assumed
     assert input_specs(model, {"x": [2, 8, 12, 10]})[0].shape == [2, 8, 12, 10]
     with pytest.raises(GkpError, match="does not match"):
         input_specs(model, {"x": [2, 3, 12, 10]})
+    dims[1].Clear()
+    dims[1].dim_param = "channels"  # the channel count cannot be assumed: a usable example is given
+    with pytest.raises(GkpError, match=r"--input-shape x:1,3,224,224"):
+        input_specs(model)
+    tokens = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    model.graph.input[0].CopyFrom(tokens)
+    assert input_specs(model)[0].shape == [1, DEFAULT_SEQUENCE]

@@ -1,14 +1,39 @@
 """Argument groups the subcommands share (a flag means the same thing everywhere), the value
 parsers, and the mapping from parsed arguments to the library's options. Defaults come from
-gkp_onnx.options, where they are written once."""
+gkp_onnx.options, where they are written once, and so do the checks: a value parser applies the
+option's rule, so a bad value is a usage error with the words the library would use."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, SELECTION_METHODS, OptimizeOptions,
-                              Thresholds)
+from gkp_onnx.errors import GkpError
+from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, RULES, SELECTION_METHODS,
+                              OptimizeOptions, Thresholds, check, check_batches, check_floats, check_shape, flag)
+
+
+def _usage(exc: GkpError) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(str(exc))
+
+
+def option(name: str, parse=None):
+    """The value parser of option `name`: int or float (after its rule), then the rule's check."""
+    parse = parse or (int if RULES[name].integer else float)
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag(name)} must be "
+                                             f"{'an integer' if parse is int else 'a number'}, got {text!r}") from None
+        try:
+            return check(name, value)
+        except GkpError as exc:
+            raise _usage(exc) from None
+
+    convert.__name__ = name  # argparse names the parser in some messages
+    return convert
 
 
 def input_shape(text: str) -> tuple[str, list[int]]:
@@ -17,18 +42,25 @@ def input_shape(text: str) -> tuple[str, list[int]]:
         shape = [int(d) for d in dims.split(",")]
     except ValueError:
         shape = []
-    if not sep or not name or not shape or min(shape) < 1:
+    if not sep or not name or not shape:
         raise argparse.ArgumentTypeError(f"expected NAME:D0,D1,... with positive dims, got {text!r}")
-    return name, shape
+    try:
+        return name, check_shape(name, shape)
+    except GkpError as exc:
+        raise _usage(exc) from None
 
 
 def group_count(text: str) -> int | None:
     if text == "auto":
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+    try:
+        return check("groups", value)
+    except GkpError as exc:
+        raise _usage(exc) from None
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -36,6 +68,19 @@ def floats(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}") from None
+
+
+def channel_values(name: str, nonzero: bool = False):
+    """The parser of --mean / --std: comma-separated finite numbers (not 0 with `nonzero`)."""
+
+    def convert(text: str) -> tuple[float, ...]:
+        try:
+            return check_floats(name, floats(text), nonzero)
+        except GkpError as exc:
+            raise _usage(exc) from None
+
+    convert.__name__ = name
+    return convert
 
 
 def multiple(text: str) -> int | str:
@@ -51,9 +96,12 @@ def batches(text: str) -> list[int]:
         values = [int(b) for b in text.split(",")]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
+    if not values:
         raise argparse.ArgumentTypeError(f"expected positive batch sizes like 1,8,64, got {text!r}")
-    return values
+    try:
+        return check_batches(values, name=None)  # shared by --bench-batch and bench --batch: argparse names the flag
+    except GkpError as exc:
+        raise _usage(exc) from None
 
 
 def add_shapes(parser: argparse.ArgumentParser) -> None:
@@ -64,11 +112,11 @@ def add_shapes(parser: argparse.ArgumentParser) -> None:
 
 def add_images(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image folders (DIR/<class>/<image> as data: preprocessing)")
-    group.add_argument("--resize", type=int, metavar="PX", help="resize the shorter side to PX (default: --crop)")
-    group.add_argument("--crop", type=int, metavar="PX", help="centre crop PX x PX (default: the model's input size)")
-    group.add_argument("--mean", type=floats, default=(0.0, 0.0, 0.0), metavar="R,G,B",
+    group.add_argument("--resize", type=option("resize"), metavar="PX", help="resize the shorter side to PX (default: --crop)")
+    group.add_argument("--crop", type=option("crop"), metavar="PX", help="centre crop PX x PX (default: the model's input size)")
+    group.add_argument("--mean", type=channel_values("mean"), default=(0.0, 0.0, 0.0), metavar="R,G,B",
                        help="subtracted after scaling pixels to [0, 1] (default 0)")
-    group.add_argument("--std", type=floats, default=(1.0, 1.0, 1.0), metavar="R,G,B",
+    group.add_argument("--std", type=channel_values("std", nonzero=True), default=(1.0, 1.0, 1.0), metavar="R,G,B",
                        help="divided by after subtracting the mean (default 1)")
     group.add_argument("--bgr", action="store_true", help="the model takes BGR channel order")
 
@@ -81,9 +129,9 @@ def images(args: argparse.Namespace):
 
 def add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fidelity thresholds (exit code 1 when missed)")
-    group.add_argument("--max-abs-diff", type=float)
-    group.add_argument("--min-cosine", type=float)
-    group.add_argument("--min-top1-agreement", type=float, help="fraction in [0, 1]")
+    group.add_argument("--max-abs-diff", type=option("max_abs_diff"), help="at least 0")
+    group.add_argument("--min-cosine", type=option("min_cosine"), help="in [-1, 1]")
+    group.add_argument("--min-top1-agreement", type=option("min_top1_agreement"), help="fraction in [0, 1]")
 
 
 def thresholds(args: argparse.Namespace) -> Thresholds:
@@ -94,7 +142,7 @@ def thresholds(args: argparse.Namespace) -> Thresholds:
 def add_pruning(parser: argparse.ArgumentParser) -> None:
     """The options of `optimize` that choose what is pruned (optimize and demo)."""
     group = parser.add_argument_group("pruning")
-    group.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
+    group.add_argument("--ratio", type=float, default=DEFAULTS.ratio,  # checked by OptimizeOptions.checked()
                        help=f"share of input channels each filter group drops, in [0, 1) (default {DEFAULTS.ratio})")
     group.add_argument("--groups", type=group_count, default=DEFAULTS.groups, metavar="auto|N",
                        help="group count for every layer, or 'auto' to choose per layer (default)")
@@ -104,9 +152,9 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="leave Convs whose node or weight name matches dense (repeatable)")
     group.add_argument("--include-stem", action="store_true", help="also prune the stem Conv")
-    group.add_argument("--min-group-width", type=int, default=DEFAULTS.min_group_width,
+    group.add_argument("--min-group-width", type=option("min_group_width"), default=DEFAULTS.min_group_width,
                        help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
-    group.add_argument("--speed-weight", type=float, default=DEFAULTS.speed_weight,
+    group.add_argument("--speed-weight", type=option("speed_weight"), default=DEFAULTS.speed_weight,
                        help=f"weight of estimated latency vs kept importance in the auto choice "
                             f"(default {DEFAULT_SPEED_WEIGHT})")
     group.add_argument("--cost-model", choices=COST_MODELS, default=DEFAULTS.cost_model,
@@ -119,7 +167,7 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-share-streams", dest="share_streams", action="store_false",
                        help="auto: do not offer Convs reading a residual stream or fan-out tensor the shared "
                             "channel partition (G = Ci / n, no Gather; the stream's channels are reordered)")
-    group.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    group.add_argument("--seed", type=option("seed"), default=DEFAULTS.seed)
     group.add_argument("--no-gkp", dest="gkp", action="store_false", help="skip Grouped Kernel Pruning")
     group.add_argument("--no-cache", dest="cache", action="store_false",
                        help="recompute the filter clustering instead of reusing it from $GKP_ONNX_CACHE "

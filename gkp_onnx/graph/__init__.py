@@ -12,7 +12,7 @@ from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, GLOBAL_POOLS, POOLS, UN
 from gkp_onnx.graph.edit import drop_unread, permuted, reindex_params, reorder, replace_initializer, take_rows
 from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
                                   marked, node_attr)
-from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, fold_constants, graph_inputs, infer_shapes,
-                                   input_specs, model_stats, node_macs)
+from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, assumed_note, fold_constants, graph_inputs,
+                                   infer_shapes, input_specs, model_stats, node_macs)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -21,11 +21,19 @@ from gkp_onnx.graph.index import node_attr
 MAC_OPS = ("Conv", "Gemm", "MatMul")
 
 
+# Dynamic dims other than the batch take these sizes unless --input-shape (or the calibration
+# data) gives them: MAC ratios of a fully convolutional net do not depend on the spatial size, and
+# N:M needs no shapes at all. The report says when they were assumed.
+DEFAULT_SPATIAL = 224  # height / width (any axis >= 2 of a floating-point input of rank >= 3)
+DEFAULT_SEQUENCE = 128  # any dynamic axis of an integer or boolean input (token ids, masks)
+
+
 @dataclass
 class InputSpec:
     name: str
     shape: list[int]
     dtype: np.dtype
+    assumed: bool = False  # dims other than the batch were dynamic and took the defaults above
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -35,7 +43,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> list[InputSpec]:
-    """Concrete shape and dtype of every graph input; a dynamic batch dim (axis 0) defaults to 1."""
+    """Concrete shape and dtype of every graph input. A dim is dynamic when it is symbolic,
+    missing, 0 or -1: the batch (axis 0) takes 1, others DEFAULT_SPATIAL / DEFAULT_SEQUENCE; a
+    dynamic channel or feature axis must be given."""
     input_shapes = input_shapes or {}
     names = {i.name for i in graph_inputs(model)}
     for name in input_shapes:
@@ -44,20 +54,35 @@ def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     specs = []
     for value in graph_inputs(model):
         tensor_type = value.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
         if value.name in input_shapes:
             shape = list(input_shapes[value.name])
             if len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape)):
                 raise GkpError(f"--input-shape {value.name}:{_fmt(shape)} does not match the model's "
                                f"shape {_fmt(declared)}")
+            specs.append(InputSpec(value.name, shape, dtype))
         else:
-            shape = [1 if (axis == 0 and d is None) else d for axis, d in enumerate(declared)]
-            if any(d is None for d in shape):
-                raise GkpError(f"input '{value.name}' has dynamic dimensions {_fmt(declared)}; "
-                               f"give them with --input-shape {value.name}:{_fmt([d or 1 for d in declared])}")
-        specs.append(InputSpec(value.name, shape, np.dtype(dtype)))
+            shape = [_default_dim(value.name, declared, axis, dtype) if d is None else d for axis, d in enumerate(declared)]
+            specs.append(InputSpec(value.name, shape, dtype, assumed=any(d is None for d in declared[1:])))
     return specs
+
+
+def _default_dim(name: str, declared: list[int | None], axis: int, dtype: np.dtype) -> int:
+    if axis == 0:
+        return 1
+    if dtype.kind in "iub":
+        return DEFAULT_SEQUENCE
+    if len(declared) >= 3 and axis >= 2:
+        return DEFAULT_SPATIAL
+    example = [1] + [d or (3 if i == 1 else DEFAULT_SPATIAL) for i, d in enumerate(declared)][1:]
+    raise GkpError(f"input '{name}' has a dynamic channel or feature dimension (axis {axis} of {_fmt(declared)}); "
+                   f"give it with --input-shape, e.g. --input-shape {name}:{_fmt(example)}")
+
+
+def assumed_note(spec: InputSpec) -> str:
+    return (f"input '{spec.name}' has dynamic dimensions, taken as {_fmt(spec.shape)} (give others with "
+            f"--input-shape {spec.name}:...)")
 
 
 def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, list[int]]:
