@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.options import check, check_floats
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -28,6 +29,12 @@ class ImageSpec:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     bgr: bool = False  # channel order of the model input
+
+    def __post_init__(self):
+        check("resize", self.resize)
+        check("crop", self.crop)
+        check_floats("mean", self.mean)
+        check_floats("std", self.std, nonzero=True)
 
 
 def list_images(root: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
@@ -87,6 +94,10 @@ def load_image_folder(root: str | os.PathLike, shape: list[int], spec: ImageSpec
     channels = shape[1] if layout == "nchw" else shape[3]
     if (spec.crop or size) != size:
         raise GkpError(f"--crop {spec.crop} does not match the model's input size {size}")
+    for name, values in (("--mean", spec.mean), ("--std", spec.std)):
+        if 1 < len(values) < channels:
+            raise GkpError(f"{name} has {len(values)} values; the model's images have {channels} channels "
+                           f"(give one value, or one per channel)")
     chosen = range(len(files)) if choose is None else choose(len(files))
     x = np.stack([decode(files[i], spec, size, channels) for i in chosen])
     if layout == "nchw":

@@ -94,7 +94,8 @@ RULES = {
 
 
 def _text(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+    text = f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check(name: str, value):
@@ -106,7 +107,7 @@ def check(name: str, value):
     if isinstance(value, bool) or not isinstance(value, kind):
         raise GkpError(f"{flag(name)} must be {rule.expected or ('an integer' if rule.integer else 'a number')}, "
                        f"got {_text(value)}")
-    if not math.isfinite(value):
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
         raise GkpError(f"{flag(name)} must be a finite number, got {_text(value)}")
     if not rule.admits(value):
         raise GkpError(f"{flag(name)} must be {rule.describe()}, got {_text(value)}")
@@ -124,6 +125,10 @@ def check_batches(values, name: str | None = "bench_batches") -> list[int]:
 
 def check_shape(name: str, shape) -> list[int]:
     """An --input-shape for input `name`: dims of at least 1, at most MAX_ELEMENTS elements in all."""
+    try:
+        shape = list(shape)
+    except TypeError:
+        raise GkpError(f"--input-shape {name}: expected a list of dims, got {shape!r}") from None
     given = f"--input-shape {name}:{','.join(map(_text, shape))}"
     if not shape or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape):
         raise GkpError(f"{given}: dims must be integers of at least 1")
@@ -135,15 +140,19 @@ def check_shape(name: str, shape) -> list[int]:
 
 def check_floats(name: str, values, nonzero: bool = False) -> tuple[float, ...]:
     """Per-channel numbers (--mean, --std): at least one, all finite (and not 0 with `nonzero`)."""
-    text = ",".join(map(_text, values)) if isinstance(values, (list, tuple)) else _text(values)
-    if not isinstance(values, (list, tuple)) or not values \
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
-        raise GkpError(f"{flag(name)} must be comma-separated numbers, got {text}")
+    given = values
+    try:
+        values = tuple(values) if not isinstance(values, (str, bytes)) else ()
+    except TypeError:
+        values = ()
+    if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+        raise GkpError(f"{flag(name)} must be comma-separated numbers, got {given!r}")
+    text = ",".join(map(_text, values))
     if not all(math.isfinite(v) for v in values):
         raise GkpError(f"{flag(name)} values must be finite numbers, got {text}")
     if nonzero and any(v == 0 for v in values):
         raise GkpError(f"{flag(name)} values must not be 0, got {text}")
-    return tuple(values)
+    return values
 
 
 @dataclass

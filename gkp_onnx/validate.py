@@ -4,10 +4,13 @@ Inputs come from a calibration/evaluation .npz (arrays keyed by input name, or `
 single-input model; optional labels `y`) or are seeded random tensors of the model's input
 shapes. Fidelity per output: max/mean absolute difference, cosine similarity, top-1 agreement
 (argmax over the last axis, for logits of rank 2 or 3), and accuracy when labels are given.
+Data is checked as it is read: at least one sample, finite floating-point inputs, labels that are
+class indices (integers >= 0, one per sample); random inputs are capped at MAX_ELEMENTS each.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,7 @@ from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import InputSpec
 from gkp_onnx.images import ImageSpec, load_image_folder
 from gkp_onnx.model_io import is_large, save_model
+from gkp_onnx.options import MAX_ELEMENTS, check
 
 RANDOM_BATCH = 8
 RUN_BATCH = 64
@@ -63,12 +67,16 @@ def _session(source: bytes | str, options: ort.SessionOptions, providers) -> ort
 
 def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = None) -> Dataset:
     """Seeded random inputs: normal floats, small non-negative ints, random bools."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check("seed", seed))
     inputs = {}
     for spec in specs:
         shape = list(spec.shape)
         if batch is not None and shape:
             shape[0] = batch
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise GkpError(f"a random input '{spec.name}' of shape {shape} would have {math.prod(shape)} elements, "
+                           f"more than the {MAX_ELEMENTS} (2**28) gkp-onnx makes; give data (--calib, --data) or "
+                           f"smaller --input-shape dims")
         if spec.dtype.kind == "f":
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
@@ -92,18 +100,24 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
     """Read an .npz (arrays keyed by input name or `x`, optional labels `y`) or an image folder
     (one subfolder per class, see gkp_onnx.images) and check it against the model's inputs (every
     axis but the batch). `limit` keeps a seeded random subset of that many samples."""
+    check("limit", limit)
+    check("seed", seed)
     if os.path.isdir(path):
         if len(specs) != 1:
             raise GkpError(f"an image folder can feed a single-input model; this one has {len(specs)} inputs")
         x, y = load_image_folder(path, specs[0].shape, images or ImageSpec(), lambda n: subset(n, limit, seed))
-        return Dataset({specs[0].name: x.astype(specs[0].dtype, copy=False)}, y, source=str(path))
+        inputs = {specs[0].name: x.astype(specs[0].dtype, copy=False)}
+        _check_finite(f"image folder {path}", inputs)
+        return Dataset(inputs, y, source=str(path))
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise ValueError("not an .npz archive (np.savez writes one)")
-        arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as exc:
-        raise GkpError(f"cannot read data file {path}: {str(exc).splitlines()[0]}") from None
+        with archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:  # truncated or corrupt archives raise zipfile, zlib, EOF, header-parsing errors
+        reason = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+        raise GkpError(f"cannot read data file {path}: {reason}") from None
     inputs = {}
     for spec in specs:
         if spec.name in arrays:
@@ -126,13 +140,40 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
         raise GkpError(f"data file {path}: input arrays have different lengths {sorted(sizes)}")
     labels = arrays.get("y")
     count = sizes.pop()
-    if labels is not None and len(labels) != count:
-        raise GkpError(f"data file {path}: {len(labels)} labels for {count} samples")
+    if count == 0:
+        raise GkpError(f"data file {path} holds no samples (its arrays have length 0)")
+    if labels is not None:
+        _check_labels(f"data file {path}", labels, count)
     chosen = subset(count, limit, seed)
     if len(chosen) < count:
         inputs = {name: array[chosen] for name, array in inputs.items()}
         labels = None if labels is None else labels[chosen]
+    _check_finite(f"data file {path}", inputs)
     return Dataset(inputs, labels, source=str(path))
+
+
+def _check_finite(source: str, inputs: dict[str, np.ndarray]) -> None:
+    """NaN or infinite inputs make every fidelity metric NaN, which no threshold catches."""
+    for name, array in inputs.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise GkpError(f"{source}: the {array.dtype} input '{name}' holds NaN or infinite values "
+                           f"({bad} of {array.size})")
+
+
+def _check_labels(source: str, labels: np.ndarray, count: int) -> None:
+    """Labels y: one class index (an integer >= 0) per sample."""
+    if labels.ndim != 1:
+        raise GkpError(f"{source}: labels y have shape {list(labels.shape)}; expected one class index per sample, "
+                       f"shape [{count}]")
+    if len(labels) != count:
+        raise GkpError(f"{source}: {len(labels)} labels for {count} samples")
+    integral = labels.dtype.kind in "iub" or (labels.dtype.kind == "f" and bool(np.isfinite(labels).all())
+                                              and bool((labels == np.round(labels)).all()))
+    if not integral:
+        raise GkpError(f"{source}: labels y must be integer class indices, got {labels.dtype} values")
+    if labels.dtype.kind != "b" and labels.min() < 0:
+        raise GkpError(f"{source}: labels y must be class indices of at least 0, got {labels.min():g}")
 
 
 def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH):
@@ -211,6 +252,10 @@ def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: li
         result.outputs.append(OutputFidelity(name, float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0,
                                              cosine, top1))
     if data.labels is not None and reference[0].ndim == 2:
+        classes = reference[0].shape[-1]
+        if classes > 1 and len(data.labels) and data.labels.max() >= classes:
+            raise GkpError(f"the labels go up to {data.labels.max():g}, but the model's output '{names[0]}' "
+                           f"has {classes} classes")
         result.accuracy_reference = float((reference[0].argmax(-1) == data.labels).mean())
         result.accuracy_candidate = float((candidate[0].argmax(-1) == data.labels).mean())
     return result

@@ -112,8 +112,10 @@ def add_shapes(parser: argparse.ArgumentParser) -> None:
 
 def add_images(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image folders (DIR/<class>/<image> as data: preprocessing)")
-    group.add_argument("--resize", type=option("resize"), metavar="PX", help="resize the shorter side to PX (default: --crop)")
-    group.add_argument("--crop", type=option("crop"), metavar="PX", help="centre crop PX x PX (default: the model's input size)")
+    group.add_argument("--resize", type=option("resize"), metavar="PX",
+                       help="resize the shorter side to PX (default: --crop)")
+    group.add_argument("--crop", type=option("crop"), metavar="PX",
+                       help="centre crop PX x PX (default: the model's input size)")
     group.add_argument("--mean", type=channel_values("mean"), default=(0.0, 0.0, 0.0), metavar="R,G,B",
                        help="subtracted after scaling pixels to [0, 1] (default 0)")
     group.add_argument("--std", type=channel_values("std", nonzero=True), default=(1.0, 1.0, 1.0), metavar="R,G,B",
