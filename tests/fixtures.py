@@ -206,6 +206,21 @@ def option_a_shortcut() -> onnx.ModelProto:
     return b.build(b.conv(b.op("Relu", [b.conv(stream, 32)]), 32))
 
 
+def mobilenet_block() -> onnx.ModelProto:
+    """MobileNetV2-style: pointwise -> BN -> HardSwish -> depthwise 3x3 (stride 2) -> Relu ->
+    pointwise -> depthwise -> pointwise. A Gather before a pointwise Conv folds through the
+    depthwise Conv and its per-channel ops into the pointwise Conv above."""
+    b = GraphBuilder(size=12)
+    y = b.conv("x", 32, kernel=1)
+    bn = [b.weight(f"bn.{p}", [32]) for p in ("scale", "bias", "mean")]
+    b.inits.append(numpy_helper.from_array(np.linspace(0.5, 2.0, 32).astype(np.float32), "bn.var"))
+    y = b.op("HardSwish", [b.op("BatchNormalization", [y, *bn, "bn.var"])])
+    y = b.op("Relu", [b.conv(y, 32, group=32, strides=[2, 2])])
+    y = b.op("Relu", [b.conv(y, 32, kernel=1)])
+    y = b.conv(b.conv(y, 32, group=32, bias=False), 32, kernel=1)
+    return b.build(y)
+
+
 def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
@@ -215,5 +230,5 @@ TOPOLOGIES = {
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
     "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
-    "residual_stream": residual_stream, "option_a_shortcut": option_a_shortcut,
+    "residual_stream": residual_stream, "option_a_shortcut": option_a_shortcut, "mobilenet_block": mobilenet_block,
 }

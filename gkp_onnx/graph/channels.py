@@ -38,7 +38,18 @@ def is_per_channel(node, initializers) -> bool:
         return all(name in initializers for name in node.input[1:5])
     if node.op_type in BINARY_PER_CHANNEL:
         return node.input[0] not in initializers and channel_constant(node.input[1], initializers) is not None
-    return False
+    return is_depthwise(node, initializers)
+
+
+def is_depthwise(node, initializers) -> bool:
+    """A depthwise Conv (one filter per channel, group = channels), its weight and bias constant:
+    a per-channel op, so channel Gathers move across it (its filters re-indexed)."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in initializers:
+        return False
+    dims = initializers[node.input[1]].dims
+    bias = node.input[2] if len(node.input) > 2 else ""
+    return len(dims) >= 3 and dims[1] == 1 and node_attr(node, "group", 1) == dims[0] > 1 \
+        and (not bias or bias in initializers)
 
 
 def channel_constant(name, initializers) -> str | None:
@@ -97,7 +108,7 @@ def walk_to_producer(tensor, producers, readers, outputs, initializers):
         node = producers.get(tensor)
         if node is None or readers[tensor] != 1 or tensor in outputs:
             return None, chain
-        if node.op_type == "Conv":
+        if node.op_type == "Conv" and not is_depthwise(node, initializers):
             params = [name for name in node.input[1:] if name]
             if any(p not in initializers or readers[p] != 1 for p in params):
                 return None, chain
@@ -118,7 +129,8 @@ def walk_to_consumer(tensor, consumers, readers, outputs, initializers):
     while tensor not in outputs and readers[tensor] == 1 and consumers[tensor].input[0] == tensor:
         node = consumers[tensor]
         weight = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm"):
+        if (node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm")) \
+                and not is_depthwise(node, initializers):
             ok = weight in initializers and readers[weight] == 1 and node_attr(node, "group", 1) == 1 \
                 and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or len(initializers[weight].dims) == 2)
             return chain, (node if ok else None)

@@ -29,6 +29,11 @@ def reindex_params(model, node, index, initializers) -> None:
     if node.op_type == "BatchNormalization":
         for slot in range(1, 5):
             replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+    elif node.op_type == "Conv":  # depthwise: its filters follow the channels, one group each
+        for slot in (1, 2):
+            if slot < len(node.input) and node.input[slot]:
+                replace_initializer(model, initializers, node.input[slot], lambda v: v[index], node, slot)
+        next(a for a in node.attribute if a.name == "group").i = len(index)
     elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
         if channel_constant(node.input[1], initializers) == "per_channel":
             replace_initializer(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
