@@ -80,7 +80,8 @@ def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = No
         if spec.dtype.kind == "f":
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
-            inputs[spec.name] = rng.integers(0, 8, size=shape).astype(spec.dtype)
+            high = min(spec.upper, 8) if spec.upper else 8  # indices stay inside the table they index
+            inputs[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             inputs[spec.name] = rng.random(shape) < 0.5
         else:

@@ -66,3 +66,18 @@ def test_dynamic_dims_take_documented_defaults_or_the_given_shape():
     tokens = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "sequence"])
     model.graph.input[0].CopyFrom(tokens)
     assert input_specs(model)[0].shape == [1, DEFAULT_SEQUENCE]
+
+
+def test_random_token_ids_stay_inside_the_table_they_index():
+    """A token-type table has 2 rows: random validation ids must be 0 or 1 (else onnxruntime fails)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    table = numpy_helper.from_array(np.ones((2, 4), np.float32), "table")
+    nodes = [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids32"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], [out], [table]))
+    spec = input_specs(model)[0]
+    assert spec.upper == 2
+    assert random_dataset([spec], seed=0, batch=64).inputs["ids"].max() == 1

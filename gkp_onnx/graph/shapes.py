@@ -34,6 +34,7 @@ class InputSpec:
     shape: list[int]
     dtype: np.dtype
     assumed: bool = False  # dims other than the batch were dynamic and took the defaults above
+    upper: int | None = None  # integer inputs used as indices: exclusive bound (rows of the table they index)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -51,7 +52,7 @@ def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     for name in input_shapes:
         if name not in names:
             raise GkpError(f"--input-shape names '{name}', which is not a model input ({', '.join(sorted(names))})")
-    specs = []
+    specs, bounds = [], index_bounds(model)
     for value in graph_inputs(model):
         tensor_type = value.type.tensor_type
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
@@ -61,11 +62,36 @@ def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
             if len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape)):
                 raise GkpError(f"--input-shape {value.name}:{_fmt(shape)} does not match the model's "
                                f"shape {_fmt(declared)}")
-            specs.append(InputSpec(value.name, shape, dtype))
+            specs.append(InputSpec(value.name, shape, dtype, upper=bounds.get(value.name)))
         else:
             shape = [_default_dim(value.name, declared, axis, dtype) if d is None else d for axis, d in enumerate(declared)]
-            specs.append(InputSpec(value.name, shape, dtype, assumed=any(d is None for d in declared[1:])))
+            specs.append(InputSpec(value.name, shape, dtype, assumed=any(d is None for d in declared[1:]),
+                                   upper=bounds.get(value.name)))
     return specs
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """For graph inputs that index a constant table (Gather on axis 0, possibly through Cast,
+    Reshape, Unsqueeze, Squeeze or Flatten), the number of rows of the smallest such table: random
+    validation inputs must stay below it (token ids, token type ids)."""
+    tables = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    bounds = {}
+    for value in model.graph.input:
+        todo, seen = [value.name], set()
+        while todo:
+            tensor = todo.pop()
+            seen.add(tensor)
+            for node in readers.get(tensor, []):
+                if node.op_type == "Gather" and node.input[1] == tensor and node.input[0] in tables \
+                        and node_attr(node, "axis", 0) == 0:
+                    bounds[value.name] = min(bounds.get(value.name, tables[node.input[0]]), tables[node.input[0]])
+                elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input[0] == tensor:
+                    todo += [o for o in node.output if o not in seen]
+    return bounds
 
 
 def _default_dim(name: str, declared: list[int | None], axis: int, dtype: np.dtype) -> int:
