@@ -208,3 +208,18 @@ def test_only_models_a_pass_would_miss_something_in_need_the_canonical_form():
     stored = numpy_helper.from_array(rand(4, 3, 3, 3).astype(np.float16), "w16")  # read through a Cast: stored
     cast = helper.make_node("Cast", ["w16"], ["w"], name="cast", to=TensorProto.FLOAT)
     assert not needs_canonical(conv_model([cast], [stored, b]))
+
+
+def test_the_pass_fires_only_where_needed_and_reports_its_notes():
+    from gkp_onnx.passes.canonicalize import Canonicalize
+    from gkp_onnx.plan import Plan
+
+    w, b = numpy_helper.from_array(rand(4, 3, 3, 3), "w"), numpy_helper.from_array(rand(4, seed=1), "b")
+    plain = conv_model([], [w, b])
+    result = Canonicalize()(plain, Plan(ratio=0.0, method="leanflex", seed=0))
+    assert result.model is plain and not result.modified and result.details == {"canonical": []}
+    folded = conv_model([const("w", rand(4, 3, 3, 3))], [b])
+    given = folded.SerializeToString()
+    result = Canonicalize()(folded, Plan(ratio=0.0, method="leanflex", seed=0))
+    assert result.modified and result.details["canonical"] and folded.SerializeToString() == given
+    assert initializer_names(result.model) == {"w", "b"}
