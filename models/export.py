@@ -4,6 +4,7 @@
     python -m gkp_onnx.models.export resnet50 out.onnx
     python -m gkp_onnx.models.export vit_small out.onnx
     python -m gkp_onnx.models.export vgg16 out.onnx
+    python -m gkp_onnx.models.export mobilenet_v2 out.onnx   (also mobilenet_v3)
 
 The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
 and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
@@ -19,18 +20,23 @@ from pathlib import Path
 import torch
 
 from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
+from gkp_onnx.models.mobilenet import mobilenet_v2, mobilenet_v3
 from gkp_onnx.models.resnet50 import resnet50
 from gkp_onnx.models.vgg import vgg16
 from gkp_onnx.models.vit import vit_small
 
 OPSET = 17
-MODELS = sorted(DEPTHS) + ["resnet50", "vgg16", "vit_small"]
+MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "vit_small"]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The model in eval mode and its input shape for one sample."""
     if name == "resnet50":
         return resnet50(seed), (1, 3, 224, 224)
+    if name == "mobilenet_v2":
+        return mobilenet_v2(seed), (1, 3, 224, 224)
+    if name == "mobilenet_v3":
+        return mobilenet_v3(seed), (1, 3, 224, 224)
     if name == "vit_small":
         return vit_small(seed), (1, 3, 224, 224)
     if name == "vgg16":
