@@ -61,3 +61,21 @@ def test_llama2c_checkpoint_matches_the_onnx_export_and_tokenizer_decodes():
     assert len(pieces) == 512
     assert decode(pieces, [1, *[pieces.index(p) for p in pieces[300:303]]]) == \
         b"".join(pieces[300:303]).decode("utf-8", errors="replace").lstrip()
+
+
+def test_mobilenet_v2_exports_and_its_pruned_form_equals_the_masked_dense_model(tmp_path):
+    from conftest import masked_reference
+
+    from gkp_onnx import optimize
+
+    model, shape = build("mobilenet_v2")
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872  # torchvision's mobilenet_v2
+    exported = onnx.load(export(model, shape, tmp_path / "mobilenet_v2.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(exported, {"input": x})[0], model(torch.from_numpy(x)).numpy(), atol=1e-3)
+    optimized, report = optimize(exported, ratio=0.5, validate=False)
+    assert report.after.macs < 0.5 * report.before.macs
+    assert sum(n.op_type == "Gather" for n in optimized.graph.node) <= 2  # the rest fold through the depthwise Convs
+    expected = run(masked_reference(exported, report.plan), {"input": x})[0]
+    np.testing.assert_allclose(run(optimized, {"input": x})[0], expected, atol=1e-3, rtol=1e-3)
