@@ -1,11 +1,14 @@
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
 from conftest import masked_reference, random_feed, run
-from fixtures import TOPOLOGIES
+from fixtures import TOPOLOGIES, GraphBuilder
 
 from gkp_onnx import optimize
+from gkp_onnx.passes.fold_gathers import FoldGathers
+from gkp_onnx.plan import Plan
 
 
 def gathers(model):
@@ -112,3 +115,21 @@ def test_shrinking_and_sinking_are_exact_on_every_topology(topology, exclude):
         feed = random_feed(model)
         for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(folded, feed)):
             np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pass_folds_a_constant_channel_gather_into_the_producing_conv_exactly():
+    b = GraphBuilder()  # conv1 (16 filters) -> Relu -> Gather(axis=1, 6 of its channels, one twice) -> conv4
+    indices = [5, 0, 11, 3, 3, 14]
+    b.inits.append(numpy_helper.from_array(np.array(indices, np.int64), "indices"))
+    picked = b.op("Gather", [b.op("Relu", [b.conv("x", 16)]), "indices"], channels=len(indices), axis=1)
+    model = b.build(b.conv(picked, 8))
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)  # in_place = True: the pass edits what it is given
+    result = FoldGathers()(folded, Plan(ratio=0.0, method="l2", seed=0))
+    assert result.modified and not gathers(result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+    first = first_conv(result.model)
+    np.testing.assert_array_equal(weights(result.model)[first.input[1]], weights(model)["conv1.weight"][indices])
+    np.testing.assert_array_equal(weights(result.model)[first.input[2]], weights(model)["conv1.bias"][indices])
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)

@@ -9,6 +9,8 @@ from gkp_onnx import optimize
 from gkp_onnx.errors import GkpError
 from gkp_onnx.inspect import tensorrt_sparse_likely
 from gkp_onnx.nm import nm_mask, parse_nm, satisfies_nm
+from gkp_onnx.passes.nm_sparsify import NmSparsify
+from gkp_onnx.plan import Plan
 
 
 def build(nodes, inits, x_shape, out="y", dtype=TensorProto.FLOAT):
@@ -195,3 +197,18 @@ def test_exclude_keeps_a_layer_dense():
     w1, original = weights_of(out)["w1"], weights_of(model)["w1"]
     assert (w1 != 0).all()  # excluded: dense; its columns may carry fc2's free channel permutation
     np.testing.assert_array_equal(np.sort(w1, axis=1), np.sort(original, axis=1))
+
+
+def test_pass_leaves_2_of_every_4_weights_along_the_reduction_axis():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),  # x [2, 16] @ w [16, 8]: K = 16
+             helper.make_node("Relu", ["h"], ["y"], name="act")]
+    model = build(nodes, [weight("w", [16, 8])], [2, 16])
+    original = weights_of(model)["w"]
+    result = NmSparsify(n=2, m=4)(model, Plan(ratio=0.0, method="l2", seed=0))
+    w = weights_of(result.model)["w"]
+    assert result.modified and satisfies_nm(w, 0, 2, 4) and (w != 0).mean() == 0.5
+    runs = np.abs(original).reshape(4, 4, 8)  # [run, position in the run, column]
+    np.testing.assert_array_equal(w != 0, (runs >= np.sort(runs, axis=1)[:, 2:3]).reshape(16, 8))  # the 2 largest |w|
+    np.testing.assert_array_equal(w[w != 0], original[w != 0])
+    assert [layer.node for layer in result.details["nm"].layers] == ["mm"]
+    assert isinstance(result.details["output_orders"], dict)

@@ -13,9 +13,9 @@ from fixtures import TOPOLOGIES, concat, graph_output_inside, residual, residual
 from gkp_onnx import optimize
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import components, permuted, reorder
-from gkp_onnx.passes.partition_streams import shared_partition
+from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams, shared_partition
 from gkp_onnx.scoring import balanced_assign, block_sums
-from gkp_onnx.plan import Plan
+from gkp_onnx.plan import LayerPlan, Plan
 
 
 def gathered(model):
@@ -187,3 +187,48 @@ def test_reconstruction_targets_the_reordered_reference(tmp_path):
 def test_forced_group_count_does_not_share():
     _, report = optimize(residual_stream(128), ratio=0.5, groups=2)
     assert not report.plan.permutations and not any(layer.shared for layer in report.plan.layers)
+
+
+def with_outputs(model, *tensors):
+    """A copy of `model` that also outputs `tensors`."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    return probe
+
+
+def test_permute_streams_computes_the_same_function_with_the_streams_reordered():
+    model = residual_stream()  # two internal streams: conv1's (16 channels) and conv24's (32)
+    before = model.SerializeToString()
+    rng = np.random.default_rng(0)
+    orders = {"conv1": rng.permutation(16).tolist(), "conv24": rng.permutation(32).tolist()}
+    result = PermuteStreams()(model, Plan(ratio=0.5, method="l2", seed=0, permutations=orders))
+    assert result.modified and model.SerializeToString() == before  # in_place = False
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = random_feed(model)
+    outputs = len(model.graph.output)
+    expected = run(with_outputs(model, "conv1", "conv24"), feed)
+    got = run(with_outputs(result.model, "conv1", "conv24"), feed)
+    for want, have in zip(expected[:outputs], got[:outputs]):  # the graph outputs: unchanged
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+    for order, want, have in zip(orders.values(), expected[outputs:], got[outputs:]):
+        np.testing.assert_allclose(have, want[:, order], rtol=1e-5, atol=1e-5)  # channel k = old order[k]
+
+
+def test_partition_streams_fills_the_plan_with_permutations_of_the_stream():
+    model = residual_stream()
+    before = model.SerializeToString()
+    readers = {"conv4": 8, "conv12": 8, "conv20": 16, "conv26": 32}  # the 1x1 Convs reading conv1's stream
+    layers = [LayerPlan(node=name, weight=f"{name}.weight", out_channels=out, in_channels=16, kernel_shape=[1, 1],
+                        macs=0, kept_per_group=8) for name, out in readers.items()]  # ratio 0.5: G = 2
+    plan = Plan(ratio=0.5, method="l2", seed=0, layers=layers)
+    result = PartitionStreams(seed=0)(model, plan)
+    assert result.modified and model.SerializeToString() == before  # in_place = False
+    assert set(result.plan.permutations) == {"conv1"}  # conv24's stream has no planned reader
+    order = result.plan.permutations["conv1"]
+    assert sorted(order) == list(range(16)) and order != list(range(16))
+    assert [layer.shared_group_count for layer in result.plan.layers] == [2] * 4
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+    replayed = PermuteStreams()(model, result.plan).model  # the plan alone reproduces the reordering
+    assert replayed.SerializeToString() == result.model.SerializeToString()

@@ -8,7 +8,10 @@ from fixtures import TOPOLOGIES
 
 from gkp_onnx import optimize
 from gkp_onnx.cli import main
-from gkp_onnx.passes.reconstruct import _attrs, patches
+from gkp_onnx.passes.reconstruct import Reconstruct, _attrs, patches
+from gkp_onnx.passes.rewrite_conv import RewriteConv
+from gkp_onnx.plan import LayerPlan, Plan
+from gkp_onnx.validate import Dataset
 
 
 @pytest.fixture
@@ -224,3 +227,23 @@ def test_a_conv_feeding_a_residual_add_is_fit_to_the_sum(calib, monkeypatch):
                         lambda self, *a, **k: original_init(self, *a, **k, shortcut=False))
     plain, _ = optimize(model, **options)
     assert add_error(with_shortcut) < add_error(plain)
+
+
+def test_pass_lowers_each_layer_error_and_brings_the_output_closer():
+    model = TOPOLOGIES["chain"]()  # conv1 8 -> 16, Relu, conv3 16 -> 16 (3x3)
+    layer = LayerPlan(node="conv3", weight="conv3.weight", out_channels=16, in_channels=16, kernel_shape=[3, 3],
+                      macs=0, kept_per_group=8, group_count=2, groups=[list(range(8)), list(range(8, 16))],
+                      kept_channels=[list(range(0, 16, 2)), list(range(1, 16, 2))])
+    plan = Plan(ratio=0.5, method="l2", seed=0, layers=[layer])
+    pruned = RewriteConv()(model, plan).model
+    refit = onnx.ModelProto()
+    refit.CopyFrom(pruned)  # in_place = True: the pass edits what it is given
+    rng = np.random.default_rng(0)
+    data = Dataset({"x": rng.standard_normal((32, 8, 10, 10)).astype(np.float32)})
+    result = Reconstruct(model, data)(refit, plan)
+    before, after = result.details["reconstruction"]["conv3"]
+    assert after <= before and after < 0.9 * before
+    held_out = {"x": rng.standard_normal((8, 8, 10, 10)).astype(np.float32)}
+    reference = run(model, held_out)[0]
+    error = lambda m: np.mean((run(m, held_out)[0] - reference) ** 2)  # noqa: E731
+    assert error(result.model) < error(pruned)

@@ -2,8 +2,13 @@ import itertools
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 from scipy.optimize import minimize
 
+from fixtures import TOPOLOGIES
+
+from gkp_onnx.passes.select_kernels import SelectKernels
+from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.scoring import (BALANCER, KEPT_SHARE, geometric_median, grouped_kernels, keep_top, kernel_scores,
                                retained_importance, roughness, select, tmi_cost)
 
@@ -100,3 +105,22 @@ def test_sr_prefers_the_smoother_of_two_interchangeable_kernels():
     assert roughness(np.stack([smooth, rough])[None])[0, 0] == 0 < roughness(np.stack([smooth, rough])[None])[0, 1]
     assert roughness(np.ones((1, 1, 1, 1)))[0, 0] == 0  # 1x1: no neighbours
     assert select(weight, [[0]], 2, "sr") == [[0, 1]]
+
+
+def test_pass_keeps_n_sorted_channels_of_largest_grouped_kernel_norm_per_group():
+    # the pass on its own, with groups chosen by hand (interleaved filters: 4 groups of 4)
+    model = TOPOLOGIES["chain"]()  # conv1 8 -> 16, Relu, conv3 16 -> 16
+    before = model.SerializeToString()
+    groups = [list(range(g, 16, 4)) for g in range(4)]
+    layer = LayerPlan(node="conv3", weight="conv3.weight", out_channels=16, in_channels=16, kernel_shape=[3, 3],
+                      macs=0, kept_per_group=5, group_count=4, groups=groups)
+    result = SelectKernels(method="l2")(model, Plan(ratio=0.7, method="l2", seed=0, layers=[layer]))
+    assert not result.modified and model.SerializeToString() == before  # in_place = False
+    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "conv3.weight")
+    kept = result.plan.layers[0].kept_channels
+    assert len(kept) == 4
+    for filters, channels in zip(groups, kept):
+        assert len(set(channels)) == 5 and channels == sorted(channels)
+        norms = np.linalg.norm(weight[filters].transpose(1, 0, 2, 3).reshape(16, -1), axis=1)  # per input channel
+        assert channels == sorted(np.argsort(-norms)[:5].tolist())
+    assert 0 < result.plan.layers[0].retained_importance < 1
