@@ -37,7 +37,7 @@ from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SelectKernels
 from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
-from gkp_onnx.pipeline import Pass, run_passes
+from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
 from gkp_onnx.validate import RANDOM_BATCH, Dataset, channel_rms, compare, load_dataset, random_dataset
@@ -115,7 +115,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
     plan = Plan.load(opts.plan) if opts.plan else Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
-    optimized, plan = pipeline.run(working, plan, details, replay=bool(opts.plan))
+    if opts.plan:
+        optimized, plan = _replay(pipeline, working, plan, details)
+    else:
+        optimized, plan = pipeline.run(working, plan, details)
     timings["optimize"] = time.perf_counter() - start
     nm_result = None
     if opts.nm:
@@ -168,6 +171,17 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
 def _channel_multiple(opts: OptimizeOptions) -> int:
     """The multiple kept channels are rounded to: as given, or onnxruntime CPU's NCHWc block."""
     return nchwc_block_size() if opts.channel_multiple == "auto" else opts.channel_multiple
+
+
+def _replay(pipeline: Pipeline, model: onnx.ModelProto, plan: Plan, details: dict):
+    """A saved plan on `model`: whatever in it does not fit the model is one line, not a traceback."""
+    try:
+        return pipeline.run(model, plan, details, replay=True)
+    except GkpError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError, PassContractError) as exc:
+        raise GkpError(f"the plan does not fit this model ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); was it saved for another model?") from None
 
 
 def _cost_model(opts: OptimizeOptions) -> CostModel:

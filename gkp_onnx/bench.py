@@ -22,7 +22,7 @@ import onnxruntime as ort
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import input_specs
 from gkp_onnx.model_io import load_model
-from gkp_onnx.validate import make_session, random_dataset
+from gkp_onnx.validate import make_session, random_dataset, run_session
 
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider", {}),
@@ -78,6 +78,7 @@ def bench(models: list[str | onnx.ModelProto], names: list[str] | None = None, b
             round_s = 0.0
             for session, feed in zip(sessions, feeds):
                 fastest = math.inf
+                run_session(session, feed)  # a model that cannot run says so in one line
                 for _ in range(max(1, warmup)):
                     start = time.perf_counter()
                     session.run(None, feed)

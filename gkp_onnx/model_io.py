@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph.canonical import WEIGHT_SLOTS
 
+SUBBYTE_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 # protobuf cannot serialise a message over 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -38,7 +39,21 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.opset_import or not model.graph.node:
         raise GkpError(f"not an ONNX model (no graph or opset): {path}")
     check_model(model, what=str(path))
+    check_tensor_sizes(model, what=str(path))
     return model
+
+
+def check_tensor_sizes(model: onnx.ModelProto, what: str = "model") -> None:
+    """A one-line error naming the first initializer whose stored bytes do not fit its dims and
+    type (onnx.checker does not look)."""
+    for tensor in model.graph.initializer:
+        if tensor.raw_data and tensor.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            count = int(np.prod(tensor.dims, dtype=np.int64))
+            bits = 4 if tensor.data_type in SUBBYTE_TYPES else 8 * itemsize
+            if len(tensor.raw_data) != -(-count * bits // 8):
+                raise GkpError(f"invalid ONNX model {what}: initializer '{tensor.name}' holds "
+                               f"{len(tensor.raw_data)} bytes for dims {list(tensor.dims)}")
 
 
 def check_finite(model: onnx.ModelProto, what: str = "model") -> None:

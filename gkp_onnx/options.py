@@ -71,7 +71,7 @@ RULES = {
     "seed": Rule(0, SEED_LIMIT, high_open=True, integer=True, expected="an integer in [0, 2**32)"),
     "min_group_width": _COUNT,
     "speed_weight": Rule(0),
-    "bench_threads": Rule(1, integer=True, optional=True),
+    "bench_threads": Rule(1, 1024, integer=True, optional=True),
     "bench_repeats": _COUNT,
     "bench_min_time_s": Rule(0),
     # Thresholds
@@ -90,6 +90,10 @@ RULES = {
     "resize": Rule(1, integer=True, optional=True),
     "crop": Rule(1, integer=True, optional=True),
     "limit": Rule(1, integer=True, optional=True),
+    # bench
+    "warmup": Rule(0, 10_000, integer=True),
+    "repeats": Rule(1, 1_000_000, integer=True),
+    "min_time": Rule(0, 3600),
 }
 
 
@@ -246,7 +250,7 @@ class OptimizeOptions:
         for text in self.exclude:
             try:
                 patterns.append(re.compile(text))
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
                 raise GkpError(f"--exclude '{text}' is not a valid regular expression: {exc}") from None
         return patterns
 

@@ -139,4 +139,10 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise GkpError(f"cannot read plan {path}: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except GkpError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise GkpError(f"plan {path} is not a gkp-onnx plan ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

@@ -45,7 +45,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExec
     """An onnxruntime session; `spinning=False` stops idle worker threads from busy-waiting, which
     would steal the cores from another session run right after (interleaved benchmarks)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as exceptions (GkpError), not as log lines
     if threads:
         options.intra_op_num_threads = threads
     if not spinning:
@@ -116,6 +116,9 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
             raise ValueError("not an .npz archive (np.savez writes one)")
         with archive:
             arrays = {key: archive[key] for key in archive.files}
+        stray = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+        if stray:
+            raise ValueError(f"member {stray[0]!r} is not a .npy array")
     except Exception as exc:  # truncated or corrupt archives raise zipfile, zlib, EOF, header-parsing errors
         reason = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
         raise GkpError(f"cannot read data file {path}: {reason}") from None
@@ -188,9 +191,18 @@ def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH
         yield {name: array[start:start + step] for name, array in data.inputs.items()}
 
 
+def run_session(session: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
+    """One onnxruntime call; a model that loads but cannot run (inconsistent shapes, inputs it
+    rejects) is a one-line GkpError."""
+    try:
+        return session.run(None, feed)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise GkpError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:300]}") from None
+
+
 def run_model(session: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
     """All outputs over the whole dataset, run in batches."""
-    chunks = [session.run(None, feed) for feed in batches(session, data)]
+    chunks = [run_session(session, feed) for feed in batches(session, data)]
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
@@ -281,7 +293,7 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feed in batches(session, data):
-        for name, value in zip(names, session.run(None, feed)):
+        for name, value in zip(names, run_session(session, feed)):
             if name in tensors:
                 moved = np.moveaxis(value.astype(np.float64), tensors[name], -1)
                 flat = moved.reshape(-1, moved.shape[-1])

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)  # graph-optimizer warnings are noise on a terminal
+        onnxruntime.set_default_logger_severity(4)  # its warnings and errors: gkp-onnx says what failed, in one line
     try:
         return args.func(args)
     except GkpError as exc:

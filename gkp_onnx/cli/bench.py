@@ -27,7 +27,12 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from gkp_onnx.bench import bench, format_timings, timings_to_dict
+    from gkp_onnx.options import check
     from gkp_onnx.outputs import Outputs
+
+    for name in ("warmup", "repeats", "min_time"):
+        check(name, getattr(args, name))
+    check("bench_threads", args.threads)
 
     with Outputs() as outputs:
         for model in args.models:
