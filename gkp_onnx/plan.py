@@ -121,6 +121,9 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         if data.get("format") != PLAN_FORMAT:
             raise GkpError(f"not a gkp-onnx plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        if not isinstance(data["ratio"], (int, float)) or not isinstance(data["method"], str) \
+                or not isinstance(data["seed"], int):
+            raise ValueError("ratio, method and seed must be a number, a string and an integer")
         return cls(
             ratio=data["ratio"],
             method=data["method"],
@@ -137,8 +140,8 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise GkpError(f"cannot read plan {path}: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise GkpError(f"cannot read plan {path}: {str(exc).splitlines()[0][:200]}") from None
         try:
             return cls.from_dict(data)
         except GkpError:

@@ -144,6 +144,8 @@ def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
     Groups must stay equal, so each keeps max_g |needed in g| filters (a group needing fewer
     repeats one of them). Returns (keep, index): the filters to compute, group by group, and where
     each needed output now sits; None when that computes no fewer filters."""
+    if group < 1 or out_channels % group:  # an invalid Conv (onnxruntime will say so): leave it
+        return None
     width = out_channels // group
     wanted = [np.unique(needed[needed // width == g]) for g in range(group)]
     size = max(len(w) for w in wanted)

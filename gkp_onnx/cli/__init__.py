@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    bare = next((arg for arg in given if arg.startswith("--") and arg.endswith("=--")), None)
+    if bare is not None:  # argparse would take "--" as "no value" and hand on an empty list
+        parser.error(f"argument {bare[:-3]}: expected a value, got '--'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
