@@ -62,7 +62,8 @@ SHOWN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, 
 @dataclass(frozen=True)
 class Bug:
     """An open invariant violation: its exit code and a pattern of the stderr it gives. With
-    `fuzzed`, the hypothesis tests (which draw it) tolerate it; its `cases` are strict xfails."""
+    `fuzzed`, the hypothesis tests (which draw it) tolerate it; the CASE_BUGS cases naming it are
+    strict xfails."""
     reason: str
     code: int
     stderr: str  # regex searched in the stderr text
@@ -294,7 +295,8 @@ def sometimes(valid: st.SearchStrategy, invalid: st.SearchStrategy, one_in: int 
 
 NO_NUL = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8)
 JUNK = st.sampled_from(["", " ", "nan", "NaN", "inf", "-inf", "1e999", "-0", "0x10", "1_0", "1,2", "abc", "auto",
-                        "None", "--", "-", "٣", "²", "1.5", "-1", "0", "1e-320", str(2 ** 64), str(-2 ** 64)]) | NO_NUL
+                        "None", "--", "-", "٣", "²", "1.5", "-1", "0", "1e-320", str(2 ** 64),
+                        str(-2 ** 64)]) | NO_NUL
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True).map(repr)
 ANY_INT = st.sampled_from([0, 1, 2, 3, 4, 8, 16, -1, -2 ** 31, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 63, 2 ** 64,
                            10 ** 30]).map(str) | st.integers(-2 ** 70, 2 ** 70).map(str)
@@ -389,7 +391,8 @@ def flatten(lists) -> list[str]:
        output=sometimes(st.just("fresh"), st.sampled_from(["input", "folder", "missing_folder", "slash", "in_folder",
                                                             "dot"]), one_in=6),
        report=st.none() | PATH_CHOICES, plan=st.none() | PATH_CHOICES,
-       calib=sometimes(st.sampled_from([None, None, "valid", "valid_no_labels"]), st.sampled_from(sorted(DATA_MUTATIONS))),
+       calib=sometimes(st.sampled_from([None, None, "valid", "valid_no_labels"]),
+                       st.sampled_from(sorted(DATA_MUTATIONS))),
        replay=sometimes(st.none(), st.sampled_from(sorted(PLAN_MUTATIONS)), one_in=6))
 def test_optimize_flags(sources, topology, flags, output, report, plan, calib, replay, capfd, caplog):
     with new_workspace(sources) as ws:
@@ -492,7 +495,8 @@ def test_inspect_flags(sources, model, flags, capfd, caplog):
            flag("--batch", BATCHES),
            flag("--warmup", sometimes(st.sampled_from(["0", "1"]), st.sampled_from(["-1", "x", "1.5"]))),
            flag("--repeats", sometimes(st.sampled_from(["1", "2"]), st.sampled_from(["0", "-1", "x"]))),
-           flag("--min-time", sometimes(st.sampled_from(["0", "1e-6"]), st.sampled_from(["-1", "nan", "inf", "x", ""]))),
+           flag("--min-time", sometimes(st.sampled_from(["0", "1e-6"]),
+                                        st.sampled_from(["-1", "nan", "inf", "x", ""]))),
            flag("--threads", sometimes(st.sampled_from(["1", "2"]), st.sampled_from(["0", "-1", str(2 ** 31),
                                                                                      str(2 ** 64), "x"]))),
            st.sampled_from([["--providers", "cpu"], ["--providers", "cuda"], ["--providers", "cpu", "cpu"],
@@ -664,8 +668,9 @@ def test_corrupted_plan(target, mutation, capfd, caplog, workspace):
     check_invariant(run_cli(argv, capfd, caplog), ws.root, before, {out: "model", report: "json"})
 
 
-# Flag values the hypothesis tests draw that violate the invariant today (each a KNOWN_BUGS entry
-# with fuzzed=True), kept as fixed cases: {model} is the residual fixture, {out} a fresh output.
+# Flag values the hypothesis tests found violating the invariant (most fixed since; CASE_BUGS says
+# which are open), kept as fixed cases, with a few controls: {model} is the residual fixture, {out}
+# a fresh output, {calib} a valid calibration archive.
 FLAG_CASES = {
     "optimize/ratio-0.5": ["optimize", "{model}", "{out}", "--ratio", "0.5"],  # controls
     "optimize/nm=--": ["optimize", "{model}", "{out}", "--nm=--"],
