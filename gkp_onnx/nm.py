@@ -148,10 +148,15 @@ def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=()
 def mask_for(ref: WeightRef, weight: np.ndarray, initializers: dict, input_norm: np.ndarray | None,
              n: int, m: int) -> np.ndarray:
     scores = np.abs(_dequantized(ref, weight, initializers))
-    if input_norm is not None:
+    if input_norm is not None and input_norm.size == weight.shape[ref.axis]:
         shape = [1] * weight.ndim
         shape[ref.axis] = -1
         scores = scores * input_norm.reshape(shape)
+    elif input_norm is not None and ref.op == "Conv" and ref.axis == 1 and input_norm.size % weight.shape[1] == 0:
+        # a grouped Conv: filter f of group g reads input channels g * width .. (g + 1) * width - 1
+        groups, width = input_norm.size // weight.shape[1], weight.shape[1]
+        per_filter = input_norm.reshape(groups, width)[np.arange(weight.shape[0]) * groups // weight.shape[0]]
+        scores = scores * per_filter.reshape(*per_filter.shape, *[1] * (weight.ndim - 2))
     return nm_mask(scores, ref.axis, n, m)
 
 

@@ -75,17 +75,12 @@ class Bug:
             and re.search(self.argv, " ".join(result.argv)) is not None
 
 
-KNOWN_BUGS: dict[str, Bug] = {
-    "nm-conv-after-grouped-gkp": Bug(
-        "optimize --groups 2 --channel-multiple 2 --nm 2:4 --nm-conv --calib DATA: N:M on a Conv that GKP made "
-        "grouped, with calibration data: ValueError: operands could not be broadcast together", 3,
-        r"internal error: ValueError: operands could not be broadcast together", fuzzed=True),
-}
+KNOWN_BUGS: dict[str, Bug] = {}  # none open
 # Fixed since the suite found them (their cases now pass and guard against regressions): a model
 # that loads but cannot run, initializers whose bytes do not fit their dims, Conv group 0 or not
 # dividing the channels, bench --repeats/--min-time/--threads out of range, --exclude regexes that
 # overflow, .npz members that are not arrays, plans that are not plans or do not fit the model,
-# and --flag=-- (argparse hands on an empty list).
+# --flag=-- (argparse hands on an empty list), and N:M calibration scores on Convs GKP made grouped.
 
 
 # ============================================================== running the CLI
@@ -521,11 +516,7 @@ def test_bench_flags(sources, models, flags, json_path, capfd, caplog):
 # ============================================================== part 2: corrupted files
 
 # Parametrized cases that violate the invariant today: case id -> (KNOWN_BUGS key, its stderr line).
-CASE_BUGS: dict[str, tuple[str, str]] = {
-    "optimize/nm-conv-grouped-calib": ("nm-conv-after-grouped-gkp", "gkp-onnx: internal error: ValueError: operands "
-                                                                    "could not be broadcast together with shapes "
-                                                                    "(16,4,3,3) (1,8,1,1)"),
-}
+CASE_BUGS: dict[str, tuple[str, str]] = {}  # case id -> (KNOWN_BUGS key, its stderr line)
 # (each line ends with " (rerun with --debug for the traceback)")
 
 

@@ -212,3 +212,13 @@ def test_pass_leaves_2_of_every_4_weights_along_the_reduction_axis():
     np.testing.assert_array_equal(w[w != 0], original[w != 0])
     assert [layer.node for layer in result.details["nm"].layers] == ["mm"]
     assert isinstance(result.details["output_orders"], dict)
+
+
+def test_calibration_scores_of_a_grouped_conv_use_each_groups_own_input_channels():
+    """Filter f of group g reads input channels g*w .. (g+1)*w - 1: its kept weights follow their norms."""
+    from gkp_onnx.nm import WeightRef, mask_for
+
+    weight = np.ones((2, 2, 1, 1), np.float32)  # 2 groups, 1 filter and 2 input channels each
+    ref = WeightRef("conv", "Conv", "w", axis=1)
+    mask = mask_for(ref, weight, {}, np.array([1.0, 5.0, 7.0, 2.0]), n=1, m=2)
+    assert mask[:, :, 0, 0].tolist() == [[False, True], [True, False]]
