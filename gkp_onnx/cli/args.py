@@ -6,6 +6,7 @@ option's rule, so a bad value is a usage error with the words the library would 
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import fields
 
 from gkp_onnx.errors import GkpError
@@ -13,8 +14,16 @@ from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, RULES
                               OptimizeOptions, Thresholds, check, check_batches, check_floats, check_shape, flag)
 
 
-def _usage(exc: GkpError) -> argparse.ArgumentTypeError:
-    return argparse.ArgumentTypeError(str(exc))
+def _usage(convert):
+    """A value parser whose GkpError (the option's rule) becomes argparse's usage error."""
+    @functools.wraps(convert)
+    def parse(text: str):
+        try:
+            return convert(text)
+        except GkpError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def option(name: str, parse=None):
@@ -27,15 +36,13 @@ def option(name: str, parse=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag(name)} must be "
                                              f"{'an integer' if parse is int else 'a number'}, got {text!r}") from None
-        try:
-            return check(name, value)
-        except GkpError as exc:
-            raise _usage(exc) from None
+        return check(name, value)
 
     convert.__name__ = name  # argparse names the parser in some messages
-    return convert
+    return _usage(convert)
 
 
+@_usage
 def input_shape(text: str) -> tuple[str, list[int]]:
     name, sep, dims = text.rpartition(":")
     try:
@@ -44,12 +51,10 @@ def input_shape(text: str) -> tuple[str, list[int]]:
         shape = []
     if not sep or not name or not shape:
         raise argparse.ArgumentTypeError(f"expected NAME:D0,D1,... with positive dims, got {text!r}")
-    try:
-        return name, check_shape(name, shape)
-    except GkpError as exc:
-        raise _usage(exc) from None
+    return name, check_shape(name, shape)
 
 
+@_usage
 def group_count(text: str) -> int | None:
     if text == "auto":
         return None
@@ -57,10 +62,7 @@ def group_count(text: str) -> int | None:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
-    try:
-        return check("groups", value)
-    except GkpError as exc:
-        raise _usage(exc) from None
+    return check("groups", value)
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -74,13 +76,10 @@ def channel_values(name: str, nonzero: bool = False):
     """The parser of --mean / --std: comma-separated finite numbers (not 0 with `nonzero`)."""
 
     def convert(text: str) -> tuple[float, ...]:
-        try:
-            return check_floats(name, floats(text), nonzero)
-        except GkpError as exc:
-            raise _usage(exc) from None
+        return check_floats(name, floats(text), nonzero)
 
     convert.__name__ = name
-    return convert
+    return _usage(convert)
 
 
 def multiple(text: str) -> int | str:
@@ -91,6 +90,7 @@ def multiple(text: str) -> int | str:
     return int(text)
 
 
+@_usage
 def batches(text: str) -> list[int]:
     try:
         values = [int(b) for b in text.split(",")]
@@ -98,10 +98,7 @@ def batches(text: str) -> list[int]:
         values = []
     if not values:
         raise argparse.ArgumentTypeError(f"expected positive batch sizes like 1,8,64, got {text!r}")
-    try:
-        return check_batches(values, name=None)  # shared by --bench-batch and bench --batch: argparse names the flag
-    except GkpError as exc:
-        raise _usage(exc) from None
+    return check_batches(values, name=None)  # shared by --bench-batch and bench --batch: argparse names the flag
 
 
 def add_shapes(parser: argparse.ArgumentParser) -> None:

@@ -13,10 +13,10 @@ def register(sub) -> None:
     p.add_argument("--batch", type=shared.batches, default=[1], metavar="B1,B2,..")
     p.add_argument("--providers", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
                    help="onnxruntime providers; cuda runs with cudnn_conv_algo_search=EXHAUSTIVE")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (CPU)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds, at least (default 30)")
-    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+    p.add_argument("--threads", type=shared.option("bench_threads"), help="onnxruntime intra-op threads (CPU)")
+    p.add_argument("--warmup", type=shared.option("warmup"), default=5)
+    p.add_argument("--repeats", type=shared.option("repeats"), default=30, help="timed rounds, at least (default 30)")
+    p.add_argument("--min-time", type=shared.option("min_time"), default=1.0, metavar="S",
                    help="more rounds until the timed ones last at least S seconds per batch (default 1)")
     p.add_argument("--json", metavar="OUT.json", help="also write the timings as JSON")
     shared.add_shapes(p)
@@ -27,12 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from gkp_onnx.bench import bench, format_timings, timings_to_dict
-    from gkp_onnx.options import check
     from gkp_onnx.outputs import Outputs
-
-    for name in ("warmup", "repeats", "min_time"):
-        check(name, getattr(args, name))
-    check("bench_threads", args.threads)
 
     with Outputs() as outputs:
         for model in args.models:
