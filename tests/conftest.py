@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +9,14 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from fixtures import TOPOLOGIES
+
+from gkp_onnx.cli import main
 from gkp_onnx.graph import permuted
 from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+USAGE = re.compile(r"gkp-onnx \w+: error: argument [-\w]+: ")
 
 
 def shared_file(relative: str) -> Path:
@@ -64,3 +69,28 @@ def nchwc_target(monkeypatch):
     """Tests target no NCHWc block (no channel rounding, no padding in the cost model), whatever
     CPU runs them; the tests of those rules, and the demo and real-weights runs, set 16 (AVX512)."""
     monkeypatch.setenv("GKP_ONNX_NCHWC_BLOCK", "1")
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    """The residual fixture saved as model.onnx in the test's folder."""
+    path = tmp_path / "model.onnx"
+    onnx.save(TOPOLOGIES["residual"](), path)
+    return path
+
+
+def cli_error(capsys, argv, usage: bool = False) -> str:
+    """The one stderr line of a refused command (exit code 2): ours, `gkp-onnx: error: ...`, or with
+    `usage` also argparse's usage error (`gkp-onnx optimize: error: argument --x: ...`, SystemExit 2)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        if not usage:
+            raise
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and (lines[0].startswith("gkp-onnx: error: ") or (usage and USAGE.match(lines[0]))), err
+    assert "Traceback" not in err and "internal error" not in err
+    return lines[0]

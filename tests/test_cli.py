@@ -11,25 +11,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from conftest import cli_error
 from fixtures import TOPOLOGIES
 
 from gkp_onnx.cli import main
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(TOPOLOGIES["residual"](), path)
-    return path
-
-
-def error_of(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gkp-onnx: error: "), err
-    return lines[0]
 
 
 def digest(path) -> str:
@@ -78,20 +63,20 @@ def test_compare_and_inspect(model_path, tmp_path, capsys):
 
 
 def test_missing_file(capsys, tmp_path):
-    assert "no such file" in error_of(capsys, ["optimize", str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx")])
+    assert "no such file" in cli_error(capsys, ["optimize", str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx")])
 
 
 def test_not_an_onnx_file(capsys, tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_text("this is not a model\n" * 10)
-    assert "ONNX" in error_of(capsys, ["inspect", str(path)])
+    assert "ONNX" in cli_error(capsys, ["inspect", str(path)])
 
 
 def test_truncated_file(capsys, tmp_path, model_path):
     data = model_path.read_bytes()
     path = tmp_path / "truncated.onnx"
     path.write_bytes(data[: len(data) // 2])
-    assert "ONNX" in error_of(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
+    assert "ONNX" in cli_error(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
 
 
 def test_nothing_to_optimize(capsys, tmp_path):
@@ -101,34 +86,34 @@ def test_nothing_to_optimize(capsys, tmp_path):
                               [helper.make_tensor_value_info("y", 1, [1, 4])], [w])
     path = tmp_path / "matmul.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert "nothing to optimize" in error_of(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
+    assert "nothing to optimize" in cli_error(capsys, ["optimize", str(path), str(tmp_path / "o.onnx")])
 
 
 def test_output_equals_input(capsys, model_path):
     before = digest(model_path)
-    assert "would overwrite the input model" in error_of(capsys, ["optimize", str(model_path), str(model_path)])
+    assert "would overwrite the input model" in cli_error(capsys, ["optimize", str(model_path), str(model_path)])
     assert digest(model_path) == before
 
 
 def test_output_directory_missing_or_unwritable(capsys, model_path, tmp_path, monkeypatch):
-    assert "does not exist" in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "no" / "o.onnx")])
+    assert "does not exist" in cli_error(capsys, ["optimize", str(model_path), str(tmp_path / "no" / "o.onnx")])
     monkeypatch.setattr(os, "access", lambda *a, **k: False)  # root can write anywhere: simulate
-    assert "not writable" in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx")])
+    assert "not writable" in cli_error(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx")])
 
 
 @pytest.mark.parametrize("ratio", ["-0.1", "1.0", "1.5"])
 def test_ratio_out_of_range(capsys, model_path, tmp_path, ratio):
-    assert "--ratio must be in [0, 1)" in error_of(
+    assert "--ratio must be in [0, 1)" in cli_error(
         capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--ratio", ratio])
 
 
 def test_groups_not_dividing_names_the_layer(capsys, model_path, tmp_path):
-    message = error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--groups", "3"])
+    message = cli_error(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--groups", "3"])
     assert "--groups 3 does not divide layer 'conv1' (16 output channels)" in message
 
 
 def test_bad_exclude_regex(capsys, model_path, tmp_path):
-    assert "not a valid regular expression" in error_of(
+    assert "not a valid regular expression" in cli_error(
         capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--exclude", "conv[1"])
 
 
@@ -140,7 +125,7 @@ def test_bad_exclude_regex(capsys, model_path, tmp_path):
 def test_calibration_data_not_matching(capsys, model_path, tmp_path, arrays, expected):
     data = tmp_path / "calib.npz"
     np.savez(data, **arrays)
-    assert expected in error_of(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"),
+    assert expected in cli_error(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"),
                                          "--calib", str(data)])
 
 

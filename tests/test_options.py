@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+import conftest
 from fixtures import TOPOLOGIES
 
 from gkp_onnx.cli import main
@@ -17,29 +18,11 @@ from gkp_onnx.options import MAX_ELEMENTS, OptimizeOptions, RecoverOptions, Thre
 from gkp_onnx.validate import Dataset, fidelity, load_dataset, random_dataset
 
 NAN, INF = float("nan"), float("inf")
-USAGE = re.compile(r"gkp-onnx \w+: error: argument [-\w]+: ")
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(TOPOLOGIES["residual"](), path)
-    return path
 
 
 def cli_error(capsys, argv) -> str:
-    """The one stderr line of a refused command: ours (`gkp-onnx: error: ...`, returned exit code 2)
-    or argparse's usage error (`gkp-onnx optimize: error: argument --x: ...`, SystemExit 2)."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and (lines[0].startswith("gkp-onnx: error: ") or USAGE.match(lines[0])), err
-    assert "Traceback" not in err and "internal error" not in err
-    return lines[0]
+    """Ours or argparse's one-line usage error, exit 2."""
+    return conftest.cli_error(capsys, argv, usage=True)
 
 
 def save_npz(path, **arrays):

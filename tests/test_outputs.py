@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import cli_error
 from fixtures import TOPOLOGIES
 
 from gkp_onnx import model_io
@@ -27,17 +28,9 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-@pytest.fixture()
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(TOPOLOGIES["residual"](), path)
-    return path
-
-
 def refused(capsys, argv, words: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("gkp-onnx: error: ") and words in err[0], err
+    line = cli_error(capsys, argv)
+    assert words in line, line
 
 
 @pytest.mark.parametrize("flag", ["--report", "--save-plan"])
