@@ -50,9 +50,9 @@ class Pipeline:
     """The GKP passes of one run, built once from the options (`build_pipeline`)."""
 
     analyze: list[Pass]  # analyze
-    decide: list[Pass]  # [partition_streams ->] cluster -> choose_groups -> select_kernels (on the plan)
-    finish: list[Pass]  # permute_streams -> rewrite_conv [-> reconstruct] [-> fold_gathers] (on the model)
     partition: list[Pass]  # partition_streams, when offered: it reorders the model the decisions are made on
+    decide: list[Pass]  # cluster -> choose_groups -> select_kernels (on the plan)
+    finish: list[Pass]  # permute_streams -> rewrite_conv [-> reconstruct] [-> fold_gathers] (on the model)
 
     def run(self, model: onnx.ModelProto, plan: Plan, details: dict, replay: bool = False
             ) -> tuple[onnx.ModelProto, Plan]:
@@ -74,14 +74,14 @@ def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list
     finish = [PermuteStreams(), RewriteConv()] + ([Reconstruct(reference, data)] if opts.reconstruct else []) \
         + ([FoldGathers()] if opts.fold else [])
     if not opts.gkp:
-        return Pipeline([], [], finish, [])
+        return Pipeline(analyze=[], partition=[], decide=[], finish=finish)
     scorer = GroupScore(_cost_model(opts), opts.speed_weight, opts.method, opts.seed)
     decide = [ClusterFilters(opts.min_group_width, opts.groups, opts.seed, viable=scorer.viable_group_counts,
                              cache=cache_dir() if opts.cache else None, method=opts.method),
               ChooseGroups(scorer, never_slower=opts.groups is None), SelectKernels(opts.method, opts.seed)]
     partition = [PartitionStreams(opts.seed)] if opts.share_streams and opts.groups is None else []
-    return Pipeline([Analyze(specs, list(patterns), opts.include_stem, _channel_multiple(opts))], decide, finish,
-                    partition)
+    analyze = [Analyze(specs, list(patterns), opts.include_stem, _channel_multiple(opts))]
+    return Pipeline(analyze=analyze, partition=partition, decide=decide, finish=finish)
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
@@ -114,11 +114,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
 
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
-    plan = Plan.load(opts.plan) if opts.plan else Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed)
     if opts.plan:
-        optimized, plan = _replay(pipeline, working, plan, details)
+        optimized, plan = _replay(pipeline, working, Plan.load(opts.plan), details)
     else:
-        optimized, plan = pipeline.run(working, plan, details)
+        optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
     nm_result = None
     if opts.nm:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import GATHER_IN, marked, node_attr, permuted
+from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, permuted
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
@@ -85,7 +85,6 @@ class Reconstruct(Pass):
         self.data = data
         self.ridge = ridge
         self.shortcut = shortcut
-        self.errors: dict[str, tuple[float, float]] = {}  # of the current call: layer -> output MSE before, after
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         names = {n.name for n in model.graph.node}
@@ -93,11 +92,11 @@ class Reconstruct(Pass):
             raise PassContractError("reconstruct needs the grouped Convs made by rewrite_conv")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        self.errors = {}
+        errors = {}  # layer -> (output MSE before, after)
         original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         producers = {o: n for n in model.graph.node for o in n.output}
-        initializers = {t.name: t for t in model.graph.initializer}
+        initializers = initializer_map(model.graph)
         original = permuted(self.original, plan.permutations) if plan.permutations else self.original
         pruned, reference = Activations(model, self.data), Activations(original, self.data)
         for layer in sorted(plan.layers, key=lambda l: order[l.grouped_node]):
@@ -113,8 +112,8 @@ class Reconstruct(Pass):
                 drift = [r - p for r, p in zip(list(reference.values(shortcut)), list(pruned.values(shortcut)))]
                 targets = (y + d for y, d in zip(targets, drift))
             pairs = zip(pruned.values(source), targets)
-            self._refit(model, layer, conv, index, pairs)
-        return PassResult(model, plan, modified=bool(plan.layers), details={"reconstruction": self.errors})
+            errors[layer.node] = self._refit(model, layer, conv, index, pairs)
+        return PassResult(model, plan, modified=bool(plan.layers), details={"reconstruction": errors})
 
     @staticmethod
     def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | None:
@@ -126,11 +125,12 @@ class Reconstruct(Pass):
         other = [name for name in readers[0].input if name != output]
         return other[0] if len(other) == 1 and other[0] in producers else None
 
-    def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> None:
+    def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> tuple[float, float]:
         """`pairs`: per batch, (the tensor the layer's Gather reads in the pruned model, the layer's
-        output in the original); `index`: the Gather's channel list (G*n)."""
+        output in the original); `index`: the Gather's channel list (G*n). Returns the layer's
+        output MSE before and after."""
         attrs = _attrs(conv)
-        initializers = {t.name: t for t in model.graph.initializer}
+        initializers = initializer_map(model.graph)
         weight = numpy_helper.to_array(initializers[conv.input[1]])
         bias = numpy_helper.to_array(initializers[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] \
             else np.zeros(weight.shape[0], weight.dtype)
@@ -157,7 +157,6 @@ class Reconstruct(Pass):
                 new_weight[rows] = fit[:-1].T.reshape(d, n, *kernel)
                 new_bias[rows] = fit[-1]
             after += min(err_new, err_old)
-        self.errors[layer.node] = (before / samples / layer.out_channels, after / samples / layer.out_channels)
         initializers[conv.input[1]].CopyFrom(numpy_helper.from_array(new_weight.astype(weight.dtype), conv.input[1]))
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_bias"
         if bias_name in initializers:
@@ -165,6 +164,7 @@ class Reconstruct(Pass):
         else:
             model.graph.initializer.append(numpy_helper.from_array(new_bias.astype(weight.dtype), bias_name))
             conv.input.append(bias_name)
+        return before / samples / layer.out_channels, after / samples / layer.out_channels
 
 
 def _normal_equations(pairs, attrs: dict, kernel: list[int], channels: np.ndarray, order: np.ndarray):
@@ -209,28 +209,28 @@ class ReconstructNm(Pass):
         self.layers = layers
         self.output_orders = output_orders or {}  # layer -> its output channels' order (nm_permutation)
         self.ridge = ridge
-        self.errors: dict[str, tuple[float, float]] = {}  # of the current call: layer -> output MSE before, after
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        self.errors = {}
+        errors = {}  # layer -> (output MSE before, after)
         order = {n.name: i for i, n in enumerate(model.graph.node)}
         original_nodes = {n.name: n for n in self.original.graph.node}  # names: the same after reordering
-        original_weights = {t.name: t for t in self.original.graph.initializer}
+        original_weights = initializer_map(self.original.graph)
         sparse, dense = Activations(model, self.data), Activations(self.original, self.data)
         for name in sorted(self.layers, key=order.__getitem__):
             node = next(n for n in model.graph.node if n.name == name)
-            initializers = {t.name: t for t in model.graph.initializer}
+            initializers = initializer_map(model.graph)
             view = _linear_view(node, initializers)
             reference = original_nodes.get(name)
             reference_view = _linear_view(reference, original_weights) if reference is not None else None
             if view is None or reference_view is None or reference_view[1].shape != view[1].shape:
                 continue
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]))
-            self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
-        return PassResult(model, plan, modified=bool(self.errors), details={"reconstruction": self.errors})
+            errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
+        return PassResult(model, plan, modified=bool(errors), details={"reconstruction": errors})
 
-    def _refit(self, node, view, reference_view, pairs, init) -> None:
-        """`pairs`: per batch, (the layer's input in the sparse model, in the original)."""
+    def _refit(self, node, view, reference_view, pairs, init) -> tuple[float, float]:
+        """`pairs`: per batch, (the layer's input in the sparse model, in the original). Returns
+        the layer's output MSE before and after."""
         import torch
 
         features, weight, store = view
@@ -267,8 +267,8 @@ class ReconstructNm(Pass):
                 new[index[better], chunk[better, None]] = fit[better].numpy()
                 before += float(err_old.sum())
                 after += float(torch.where(better, err_new, err_old).sum())
-        self.errors[node.name] = (before / samples / weight.shape[1], after / samples / weight.shape[1])
         init.CopyFrom(numpy_helper.from_array(store(new).astype(numpy_helper.to_array(init).dtype), init.name))
+        return before / samples / weight.shape[1], after / samples / weight.shape[1]
 
 
 def _quadratic(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
