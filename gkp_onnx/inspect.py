@@ -16,7 +16,8 @@ import numpy as np
 from onnx import numpy_helper
 
 from gkp_onnx.cost import nchwc_block_size
-from gkp_onnx.graph import assumed_note, MAC_OPS, ensure_node_names, infer_shapes, input_specs, model_stats
+from gkp_onnx.graph import (MAC_OPS, assumed_note, ensure_node_names, infer_shapes, initializer_map, input_specs,
+                            model_stats)
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
@@ -46,7 +47,7 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
     prunable = {layer.node for layer in plan.layers}
     skipped = {s.node: s.reason for s in plan.skipped}
     stats = model_stats(model, specs, shapes)
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
 
     rows = []

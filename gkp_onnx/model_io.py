@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph import initializer_map
 from gkp_onnx.graph.canonical import WEIGHT_SLOTS
 
 SUBBYTE_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
@@ -59,7 +60,7 @@ def check_tensor_sizes(model: onnx.ModelProto, what: str = "model") -> None:
 def check_finite(model: onnx.ModelProto, what: str = "model") -> None:
     """A one-line error naming the first layer weight (Conv/Gemm/MatMul weight or bias, BN
     parameter) holding NaN or Inf. Other constants may hold Inf on purpose (attention masks)."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     weights = dict.fromkeys(node.input[slot] for node in model.graph.node
                             for slot in WEIGHT_SLOTS.get(node.op_type, ()) if slot < len(node.input))
     for name in weights:

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph import graph_index, node_attr, reduction_axis
+from gkp_onnx.graph import graph_index, initializer_map, node_attr, reduction_axis
 
 
 NM_OPS = ("MatMul", "Gemm")
@@ -118,7 +118,7 @@ class NmResult:
 def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=(), include_head=False
                   ) -> tuple[list[WeightRef], list[tuple[str, str]]]:
     """The layers the pass can sparsify, and (node, reason) for the others."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     producers, _, readers, outputs = graph_index(model.graph)
     refs, skipped = [], []
     for node in model.graph.node:

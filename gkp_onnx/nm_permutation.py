@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, node_attr, reduction_axis
+from gkp_onnx.graph import BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, initializer_map, node_attr, reduction_axis
 
 MAX_BLOCK_ELEMENTS = 20_000_000  # bounds the memory of one vectorised swap evaluation
 TABLE_ELEMENTS = 8_000_000  # R * K^2 * m of one searched window: bounds the time of a swap table
@@ -153,7 +153,7 @@ class Region:
 
 def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | None:
     """The region around `tensor` (K = `channels`), or None when the order cannot be changed for free."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
     readers = defaultdict(list)
     for node in model.graph.node:
@@ -236,7 +236,7 @@ def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, inp
 
     `input_norms` (node -> per-channel RMS) of permuted consumers are permuted in place.
     """
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     targets = {ref.node for ref in refs if not ref.path}  # plain initializer weights only
     nodes = {node.name: node for node in model.graph.node}
     done: set[str] = set()

@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph import initializer_map
 
 # Initializers these ops read as learnable weights (input positions); everything else (shape
 # constants, indices, scalars, BN running statistics) stays a fixed buffer.
@@ -44,7 +45,7 @@ MASKED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def trainable_initializers(model: onnx.ModelProto) -> dict[str, bool]:
     """Float initializers with more than one element read as a weight: name -> keep zeros at zero."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializer_map(model.graph)
     found: dict[str, bool] = {}
     for node in model.graph.node:
         for position in WEIGHT_INPUTS.get(node.op_type, ()):

@@ -26,8 +26,8 @@ import re
 
 import onnx
 
-from gkp_onnx.graph import (SHORTCUT_CONV, InputSpec, graph_index, graph_inputs, infer_shapes, node_attr, node_macs,
-                            marked, walk_to_consumer, walk_to_producer)
+from gkp_onnx.graph import (SHORTCUT_CONV, InputSpec, graph_index, graph_inputs, infer_shapes, initializer_map,
+                            marked, node_attr, node_macs, walk_to_consumer, walk_to_producer)
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -95,7 +95,7 @@ class Analyze(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         shapes = infer_shapes(model, self.specs)
-        initializers = {t.name: t for t in model.graph.initializer}
+        initializers = initializer_map(model.graph)
         producers, consumers, readers, outputs = graph_index(model.graph)
         input_names = {i.name for i in graph_inputs(model)}
         plan.layers, plan.skipped = [], []

@@ -40,6 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.choice import GroupScore
+from gkp_onnx.graph import initializer_map
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Plan, SkippedLayer
 
@@ -57,7 +58,7 @@ class ChooseGroups(Pass):
             raise PassContractError("choose_groups needs the candidate groupings from cluster")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        weights = {t.name: t for t in model.graph.initializer}
+        weights = initializer_map(model.graph)
         kept = []
         for layer in plan.layers:
             weight = numpy_helper.to_array(weights[layer.weight])

@@ -46,6 +46,7 @@ from sklearn.cluster import KMeans
 
 from gkp_onnx.cache import write_atomic
 from gkp_onnx.errors import GkpError
+from gkp_onnx.graph import initializer_map
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 from gkp_onnx.scoring import roughness
@@ -146,7 +147,7 @@ class ClusterFilters(Pass):
             raise PassContractError("cluster needs the layers found by analyze")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        weights = {t.name: t for t in model.graph.initializer}
+        weights = initializer_map(model.graph)
         jobs = []  # (layer, G, weight): one grouping each
         for layer in plan.layers:
             weight = numpy_helper.to_array(weights[layer.weight])

@@ -40,8 +40,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from gkp_onnx.graph import (chain_index, channel_count, drop_unread, gather_index, graph_index, node_attr, reduction_axis,
-                            reindex_params, replace_initializer, take_rows, walk_to_consumer, walk_to_producer)
+from gkp_onnx.graph import (chain_index, channel_count, drop_unread, gather_index, graph_index, initializer_map,
+                            node_attr, reduction_axis, reindex_params, replace_initializer, take_rows,
+                            walk_to_consumer, walk_to_producer)
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
@@ -60,7 +61,7 @@ class FoldGathers(Pass):
 
     def _fold_one(self, model: onnx.ModelProto) -> bool:
         graph = model.graph
-        initializers = {t.name: t for t in graph.initializer}
+        initializers = initializer_map(graph)
         producers, _, readers, outputs = graph_index(graph)
         for gather in graph.node:
             index = gather_index(gather, initializers)
@@ -104,7 +105,7 @@ class FoldGathers(Pass):
     def _sink_one(self, model: onnx.ModelProto) -> bool:
         """Absorb a channel permutation into the weights of the dense layer that reads it."""
         graph = model.graph
-        initializers = {t.name: t for t in graph.initializer}
+        initializers = initializer_map(graph)
         producers, consumers, readers, outputs = graph_index(graph)
         for gather in graph.node:
             index = gather_index(gather, initializers)

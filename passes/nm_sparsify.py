@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gkp_onnx.graph import initializer_map
 from gkp_onnx.nm import NM_OPS, NmLayer, NmResult, _dequantized, apply_mask, kept_share, mask_for, nm_candidates
 from gkp_onnx.nm_permutation import permute_reduction_channels
 from gkp_onnx.pipeline import Pass, PassResult
@@ -56,7 +57,7 @@ class NmSparsify(Pass):
 
         refs, skipped = nm_candidates(model, self.n, self.m, self.ops, self.exclude, self.include_head)
         result = NmResult(self.n, self.m, skipped=skipped)
-        initializers = {t.name: t for t in model.graph.initializer}
+        initializers = initializer_map(model.graph)
         plain = {}
         for ref in refs:
             weight = numpy_helper.to_array(initializers[ref.initializer])
@@ -66,7 +67,7 @@ class NmSparsify(Pass):
         if self.permute:
             permuted, output_orders = permute_reduction_channels(
                 model, refs, self.n, self.m, self.input_norms, self.permutation_seconds, self.seed)
-            initializers = {t.name: t for t in model.graph.initializer}
+            initializers = initializer_map(model.graph)
         for ref in refs:
             init = initializers[ref.initializer]
             weight = numpy_helper.to_array(init)

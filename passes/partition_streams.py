@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import components, permuted, reorder
+from gkp_onnx.graph import components, initializer_map, permuted, reorder
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.scoring import balanced_assign, block_sums, energy
@@ -113,7 +113,7 @@ class PartitionStreams(Pass):
             sharing = [layer for layer in planned if layer.out_channels % blocks == 0]
             if component.channels % n or blocks < 2 or not sharing:
                 continue
-            initializers = {t.name: t for t in result.graph.initializer}
+            initializers = initializer_map(result.graph)
             energies = [energy(numpy_helper.to_array(initializers[layer.weight])) for layer in sharing]
             extra = np.zeros((component.channels, blocks))
             for producer in component.producers:  # a shared reader of an earlier component: filters follow these blocks

@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import graph_index, walk_to_producer
+from gkp_onnx.graph import graph_index, initializer_map, walk_to_producer
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.scoring import retained_importance, select, shared_blocks, shared_groups
@@ -23,7 +23,7 @@ from gkp_onnx.scoring import retained_importance, select, shared_blocks, shared_
 def read_outputs(model: onnx.ModelProto, plan: Plan) -> dict[str, list[int]]:
     """Per layer whose outputs a later layer's Gather folds into (fold_gathers), the sorted
     output channels that layer reads."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     producers, _, readers, outputs = graph_index(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     read = {}
@@ -48,7 +48,7 @@ class SelectKernels(Pass):
             raise PassContractError("select_kernels needs the groups chosen by choose_groups")
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        weights = {t.name: t for t in model.graph.initializer}
+        weights = initializer_map(model.graph)
         for layer in plan.layers:
             if not layer.shared:
                 weight = numpy_helper.to_array(weights[layer.weight])

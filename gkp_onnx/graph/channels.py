@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph.index import node_attr
+from gkp_onnx.graph.index import initializer_map, node_attr
 
 
 GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
@@ -175,7 +175,7 @@ class Component:
 def components(model: onnx.ModelProto) -> list[Component]:
     """Every channel space of the graph that can be reordered (see the module doc), in graph order."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = initializer_map(graph)
     producers = {o: node for node in graph.node for o in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:

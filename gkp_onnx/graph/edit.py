@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph.channels import BINARY_PER_CHANNEL, Component, channel_constant, components, reduction_axis
+from gkp_onnx.graph.index import initializer_map
 
 
 def replace_initializer(model, initializers, name, transform, node, slot) -> None:
@@ -57,7 +58,7 @@ def drop_unread(model: onnx.ModelProto) -> None:
 
 def reorder(model: onnx.ModelProto, component: Component, order: np.ndarray) -> None:
     """Reorder the channels of `component` in place: channel k becomes the old channel order[k]."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = initializer_map(model.graph)
     for node in component.producers:
         take_rows(model, node, order, initializers)
     for node in component.inner:
