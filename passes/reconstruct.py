@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from threadpoolctl import threadpool_limits
 
 from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, permuted
 from gkp_onnx.optional import require_torch
@@ -142,21 +143,25 @@ class Reconstruct(Pass):
         samples = gram[-1, -1]
         new_weight, new_bias = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
         before = after = 0.0
-        for group in range(g):
-            rows = slice(group * d, (group + 1) * d)
-            columns = np.append((position[group * n:(group + 1) * n, None] * k + np.arange(k)).ravel(), len(gram) - 1)
-            sub_gram, sub_cross, total = gram[np.ix_(columns, columns)], cross[columns, rows], energy[rows].sum()
-            old = np.concatenate([weight[rows].reshape(d, -1).T, bias[rows][None, :]]).astype(np.float64)
-            reg = self.ridge * np.trace(sub_gram) / len(columns) * np.eye(len(columns))
-            reg[-1, -1] = 0.0  # no penalty on the bias
-            fit = np.linalg.solve(sub_gram + reg, sub_cross)
-            err_old = _squared_error(old, sub_gram, sub_cross, total)
-            err_new = _squared_error(fit, sub_gram, sub_cross, total)
-            before += err_old
-            if err_new < err_old:
-                new_weight[rows] = fit[:-1].T.reshape(d, n, *kernel)
-                new_bias[rows] = fit[-1]
-            after += min(err_new, err_old)
+        # One BLAS thread, whatever the process did before: OpenBLAS rounds a solve differently on 1
+        # and 2 threads, and a run that clustered (a cold cache) leaves numpy's OpenBLAS on 1, so the
+        # bytes depended on the cache. These systems are small; one thread costs nothing visible.
+        with threadpool_limits(1, user_api="blas"):
+            for group in range(g):
+                rows = slice(group * d, (group + 1) * d)
+                columns = np.append((position[group * n:(group + 1) * n, None] * k + np.arange(k)).ravel(), len(gram) - 1)
+                sub_gram, sub_cross, total = gram[np.ix_(columns, columns)], cross[columns, rows], energy[rows].sum()
+                old = np.concatenate([weight[rows].reshape(d, -1).T, bias[rows][None, :]]).astype(np.float64)
+                reg = self.ridge * np.trace(sub_gram) / len(columns) * np.eye(len(columns))
+                reg[-1, -1] = 0.0  # no penalty on the bias
+                fit = np.linalg.solve(sub_gram + reg, sub_cross)
+                err_old = _squared_error(old, sub_gram, sub_cross, total)
+                err_new = _squared_error(fit, sub_gram, sub_cross, total)
+                before += err_old
+                if err_new < err_old:
+                    new_weight[rows] = fit[:-1].T.reshape(d, n, *kernel)
+                    new_bias[rows] = fit[-1]
+                after += min(err_new, err_old)
         initializers[conv.input[1]].CopyFrom(numpy_helper.from_array(new_weight.astype(weight.dtype), conv.input[1]))
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_bias"
         if bias_name in initializers:
