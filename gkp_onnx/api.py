@@ -151,7 +151,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes)
     if nm_result:
         nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
-    if opts.reconstruct:
+    if opts.reconstruct or (nm_result and nm_result.reconstruction):
         report.reconstruction = {**details.get("reconstruction", {}),
                                  **(nm_result.reconstruction if nm_result else {})}
     if opts.validate:
@@ -208,8 +208,9 @@ def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[r
     plan, details = Plan(ratio=0.0, method="nm", seed=opts.seed), {}
     model, _ = run_passes([sparsify], model, plan, details, keep=True)  # `model` may still be the reference
     result = details["nm"]
-    if opts.reconstruct:
-        refit = ReconstructNm(original, data, [layer.node for layer in result.layers], details["output_orders"])
+    if opts.reconstruct or opts.nm_method == "sparsegpt":
+        refit = ReconstructNm(original, data, [layer.node for layer in result.layers], details["output_orders"],
+                              method="sparsegpt" if opts.nm_method == "sparsegpt" else "refit", nm=(n, m))
         model, _ = run_passes([refit], model, plan, details)
         result.reconstruction = details["reconstruction"]
     return model, result

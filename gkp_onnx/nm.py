@@ -177,3 +177,49 @@ def apply_mask(ref: WeightRef, weight: np.ndarray, mask: np.ndarray, initializer
     if ref.zero_point is not None:
         fill = fill + (weight - _dequantized(ref, weight, initializers)).astype(weight.dtype)
     return np.where(mask, weight, fill)
+
+
+def sparsegpt_nm(weight: np.ndarray, gram: np.ndarray, n: int, m: int, damp: float = 0.01,
+                 block: int = 128) -> np.ndarray:
+    """N:M-sparse W' [D, out] close to `weight` [D, out] in the layer's output on the data whose
+    Gram matrix X^T X is `gram` [D, D]: min ||X W' - X W||^2, the runs of m consecutive rows of each
+    column keeping n. SparseGPT (Frantar & Alistarh, 2023): rows are visited in order; at the start
+    of each run its n survivors are the weights whose removal costs least (w^2 / [H^-1]_ii^2), and
+    each removed weight's error is spread over the rows not yet visited through the inverse Hessian
+    (Optimal Brain Surgeon), lazily, `block` rows at a time. One D^3 Cholesky and D^2 * out updates:
+    no per-column solve. `damp`: ridge of damp * mean(diag H), as in the paper."""
+    import scipy.linalg
+
+    rows = weight.shape[0]
+    if rows % m:
+        raise ValueError(f"reduction length {rows} is not a multiple of {m}")
+    block = max(m, block // m * m)
+    w = weight.T.astype(np.float32).copy()  # [out, D]: SparseGPT's layout, a row per output
+    h = np.array(gram, dtype=np.float64)
+    dead = np.diag(h) == 0  # inputs that are always 0: their weights are free, set them to 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
+    inverse = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), np.eye(rows))
+    upper = scipy.linalg.cholesky(inverse, lower=False).astype(np.float32)  # H^-1 = U^T U
+    for start in range(0, rows, block):
+        end = min(start + block, rows)
+        part, u = w[:, start:end].copy(), upper[start:end, start:end]
+        errors = np.zeros_like(part)
+        scale = np.diag(u) ** 2
+        for i in range(end - start):
+            if i % m == 0:  # this run's survivors: the n with the largest saliency w^2 / [H^-1]_ii^2
+                saliency = part[:, i:i + m] ** 2 / scale[i:i + m]
+                drop = np.argsort(saliency, axis=1, kind="stable")[:, :m - n]
+                run = np.zeros((part.shape[0], m), dtype=bool)
+                np.put_along_axis(run, drop, True, axis=1)
+                pruned = run
+            column = part[:, i]
+            removed = np.where(pruned[:, i % m], column, 0.0)
+            error = removed / u[i, i]
+            part[:, i:] -= np.outer(error, u[i, i:])
+            part[:, i] = np.where(pruned[:, i % m], 0.0, part[:, i])
+            errors[:, i] = error
+        w[:, start:end] = part
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return w.T.astype(np.float64)

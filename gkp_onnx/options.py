@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the command line reads the defaults without loading onnx
 SELECTION_METHODS = ("leanflex", "l2", "random", "tmi", "sr")
 DEFAULT_SPEED_WEIGHT = 0.25  # choose_groups: weight of the estimated latency against the kept importance
 COST_MODELS = ("analytic", "measured")
+NM_METHODS = ("wanda", "sparsegpt")  # see --nm-method
 
 SEED_LIMIT = 2 ** 32  # seeds are in [0, 2**32): what numpy's legacy seeding and scikit-learn take
 MAX_BATCH = 4096  # largest batch size --bench-batch / bench --batch take
@@ -218,6 +219,7 @@ class OptimizeOptions:
     nm_conv: bool = False
     nm_include_head: bool = False
     nm_permute: bool = True
+    nm_method: str = "wanda"  # "wanda": |w| * ||x|| masks (+ refit with reconstruct); "sparsegpt" (needs calib)
 
     def checked(self) -> list[re.Pattern]:
         """Check the options; return the compiled --exclude patterns."""
@@ -228,6 +230,10 @@ class OptimizeOptions:
             from gkp_onnx.nm import parse_nm
 
             parse_nm(self.nm)
+        if self.nm_method not in NM_METHODS:
+            raise GkpError(f"unknown --nm-method {self.nm_method!r} (choose from {', '.join(NM_METHODS)})")
+        if self.nm is not None and self.nm_method == "sparsegpt" and not self.calib:
+            raise GkpError("--nm-method sparsegpt needs calibration data: give --calib data.npz")
         if self.reconstruct and not self.calib:
             raise GkpError("--reconstruct needs calibration data: give --calib data.npz")
         multiple = self.channel_multiple

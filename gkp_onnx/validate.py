@@ -28,6 +28,8 @@ from gkp_onnx.options import MAX_ELEMENTS, check
 
 RANDOM_BATCH = 8
 RUN_BATCH = 64
+# an input of this name, [batch, sequence], marks padding tokens with 0 (the Hugging Face convention)
+PADDING_INPUT = "attention_mask"
 
 
 @dataclass
@@ -287,7 +289,8 @@ def compare(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, 
 
 
 def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
-    """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis)."""
+    """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis);
+    a [batch, sequence, channels] tensor leaves out the padding positions (see PADDING_INPUT)."""
     session = make_session(with_outputs(model, list(tensors)))
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
@@ -297,6 +300,9 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
             if name in tensors:
                 moved = np.moveaxis(value.astype(np.float64), tensors[name], -1)
                 flat = moved.reshape(-1, moved.shape[-1])
+                padding = feed.get(PADDING_INPUT)
+                if padding is not None and moved.shape[:-1] == padding.shape:  # tokens only, not padding
+                    flat = flat[padding.reshape(-1) != 0]
                 sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
                 counts[name] = counts.get(name, 0) + flat.shape[0]
     return {name: np.sqrt(sums[name] / counts[name]) for name in sums}

@@ -32,10 +32,11 @@ from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
 from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, permuted
+from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
-from gkp_onnx.validate import Dataset, batches, make_session
+from gkp_onnx.validate import PADDING_INPUT, Dataset, batches, make_session
 
 if TYPE_CHECKING:  # torch is imported where it is used: it is an optional dependency
     import torch
@@ -207,13 +208,18 @@ class ReconstructNm(Pass):
     in_place = True  # edits the model's weights or nodes in place
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
-                 output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3):
+                 output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3,
+                 method: str = "refit", nm: tuple[int, int] = (2, 4)):
         require_torch("reconstruction (--reconstruct)")
+        if method not in ("refit", "sparsegpt"):  # per-column least squares on the mask given / SparseGPT
+            raise ValueError(f"unknown N:M update {method!r}")
         self.original = original
         self.data = data
         self.layers = layers
         self.output_orders = output_orders or {}  # layer -> its output channels' order (nm_permutation)
         self.ridge = ridge
+        self.method = method
+        self.n, self.m = nm
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         errors = {}  # layer -> (output MSE before, after)
@@ -229,7 +235,7 @@ class ReconstructNm(Pass):
             reference_view = _linear_view(reference, original_weights) if reference is not None else None
             if view is None or reference_view is None or reference_view[1].shape != view[1].shape:
                 continue
-            pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]))
+            pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding)
             errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
         return PassResult(model, plan, modified=bool(errors), details={"reconstruction": errors})
 
@@ -245,13 +251,29 @@ class ReconstructNm(Pass):
         dim = weight.shape[0]
         gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
         samples = 0
-        for x, x_original in pairs:
+        for x, x_original, mask in pairs:
             rows = features(x)
             target = reference_features(x_original) @ target_weight
+            if node.op_type == "MatMul" and mask is not None and x.shape[:-1] == mask.shape:
+                keep = torch.from_numpy(mask.reshape(-1) != 0)  # padding tokens are not calibration data
+                rows, target = rows[keep], target[keep]
             samples += rows.shape[0]
             gram += (rows.T @ rows).double().numpy()
             cross += (rows.T @ target).double().numpy()
             energy += (target.double() ** 2).sum(0).numpy()
+        if self.method == "sparsegpt" and node.op_type != "Conv":
+            new, before, after = self._sparsegpt(weight, gram, cross, energy)
+        else:
+            new, before, after = self._refit_columns(weight, gram, cross, energy)
+        init.CopyFrom(numpy_helper.from_array(store(new).astype(numpy_helper.to_array(init).dtype), init.name))
+        return before / samples / weight.shape[1], after / samples / weight.shape[1]
+
+
+    def _refit_columns(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
+        """Each column's kept weights refit by least squares; a column keeps the fit only when it lowers
+        its error. Returns the new weight and the summed squared errors before and after."""
+        import torch
+
         kept = weight != 0
         new = weight.copy()
         before = after = 0.0
@@ -272,8 +294,21 @@ class ReconstructNm(Pass):
                 new[index[better], chunk[better, None]] = fit[better].numpy()
                 before += float(err_old.sum())
                 after += float(torch.where(better, err_new, err_old).sum())
-        init.CopyFrom(numpy_helper.from_array(store(new).astype(numpy_helper.to_array(init).dtype), init.name))
-        return before / samples / weight.shape[1], after / samples / weight.shape[1]
+        return new, before, after
+
+    def _sparsegpt(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
+        """SparseGPT from the dense least-squares optimum W* = (G + lam I)^-1 C: since
+        ||X W - T||^2 = ||X (W - W*)||^2 + const, pruning W* towards itself with G as the Hessian
+        minimises the error to the target itself, mask included. A column keeps the result only when
+        it beats the magnitude-masked weight it replaces."""
+        lam = self.ridge * np.trace(gram) / len(gram)
+        with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
+            optimum = np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+        candidate = sparsegpt_nm(optimum, gram, self.n, self.m)
+        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
+        better = err_new < err_old
+        new = np.where(better[None, :], candidate, weight)
+        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
 
 
 def _quadratic(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -316,6 +351,11 @@ def _linear_view(node: onnx.NodeProto, initializers: dict):
     return None
 
 
+def _column_errors(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    """||X w_j - T_j||^2 per column j from the Gram matrices."""
+    return np.einsum("ij,ij->j", w, gram @ w) - 2 * np.einsum("ij,ij->j", w, cross) + energy
+
+
 def _squared_error(coef: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> float:
     """sum ||P coef - T||^2 from the Gram matrices: tr(c^T G c) - 2 tr(c^T X) + ||T||^2."""
     return float(np.einsum("ij,ik,kj->", coef, gram, coef) - 2 * np.einsum("ij,ij->", coef, cross) + energy.sum())
@@ -338,8 +378,10 @@ class Activations:
         self.position = 0  # nodes before it have been run
         has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                             for node in model.graph.node for a in node.attribute)
-        self.frontier: list[dict[str, np.ndarray]] | None = None if has_subgraphs else \
-            list(batches(make_session(_up_to(model, model.graph.input[0].name)), data))
+        feeds = list(batches(make_session(_up_to(model, model.graph.input[0].name)), data))
+        # per batch, where the samples' padding is (0 in the attention mask), if the data says
+        self.padding = [feed.get(PADDING_INPUT) for feed in feeds]
+        self.frontier: list[dict[str, np.ndarray]] | None = None if has_subgraphs else feeds
 
     def values(self, tensor: str):
         """Iterate over `tensor`'s value per batch."""

@@ -355,7 +355,8 @@ OPTIMIZE_FLAGS = st.one_of(
     flag("--input-shape", INPUT_SHAPE),
     flag("--nm", NM),
     st.sampled_from([["--include-stem"], ["--no-gkp"], ["--no-cache"], ["--no-share-streams"], ["--nm-conv"],
-                     ["--nm-include-head"], ["--no-nm-permute"], ["--reconstruct"]]),
+                     ["--nm-include-head"], ["--no-nm-permute"], ["--reconstruct"],
+                     ["--nm-method", "sparsegpt"]]),
     BENCH,
 )
 

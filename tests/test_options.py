@@ -170,6 +170,7 @@ BAD_FLAGS = [  # (flags, words in the one error line)
     (["--crop", "-3"], "--crop must be at least 1, got -3"),
     (["--mean", "nan,0,0"], "--mean values must be finite numbers, got nan,0,0"),
     (["--std", "0,1,1"], "--std values must not be 0, got 0,1,1"),
+    (["--nm", "2:4", "--nm-method", "sparsegpt"], "--nm-method sparsegpt needs calibration data"),
 ]
 
 
@@ -324,3 +325,12 @@ def test_image_spec_values_are_checked():
     with pytest.raises(GkpError, match="--crop must be at least 1, got 0"):
         ImageSpec(crop=0)
     ImageSpec(resize=1, crop=1, mean=np.array([0.5, 0.5, 0.5]), std=(0.25,))
+
+
+def test_nm_method_is_checked_in_the_api_and_the_cli(capsys, model_path, tmp_path):
+    with pytest.raises(GkpError, match="unknown --nm-method 'obs' \\(choose from wanda, sparsegpt\\)"):
+        OptimizeOptions(nm="2:4", nm_method="obs").checked()
+    line = cli_error(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--nm", "2:4",
+                              "--nm-method", "obs"])
+    assert "--nm-method" in line and "invalid choice" in line
+    assert not (tmp_path / "o.onnx").exists()

@@ -10,7 +10,7 @@ import functools
 from dataclasses import fields
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, RULES, SELECTION_METHODS,
+from gkp_onnx.options import (COST_MODELS, DEFAULT_SPEED_WEIGHT, DEFAULTS, NM_METHODS, RULES, SELECTION_METHODS,
                               OptimizeOptions, Thresholds, check, check_batches, check_floats, check_shape, flag)
 
 
@@ -178,6 +178,10 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
                     help="also sparsify the layer producing a graph output (classifier / LM head)")
     nm.add_argument("--no-nm-permute", dest="nm_permute", action="store_false",
                     help="skip the channel-permutation search")
+    nm.add_argument("--nm-method", choices=NM_METHODS, default=DEFAULTS.nm_method,
+                    help="wanda: keep the largest |w| (times the input's RMS with --calib), refit the kept weights "
+                         "with --reconstruct; sparsegpt: second-order mask and weight update on the calibration "
+                         "data, layer by layer (needs --calib)")
 
 
 def optimize_options(args: argparse.Namespace) -> dict:
