@@ -9,7 +9,9 @@
    calibration text (for the calibration-aware score) is a disjoint set of such sequences.
    Reports next-token top-1 agreement with the dense model and perplexity on the dense text;
    "+ refit": the kept weights refit by least squares on the calibration text (--reconstruct).
-3. A small ViT (ViT-S/16 widths, random weights): kept magnitude and output cosine vs dense.
+3. The real all-MiniLM-L6-v2 (../shared/data/minilm-l6-v2): magnitude, Wanda + refit and SparseGPT,
+   pooled-embedding cosine and nearest-neighbour agreement on held-out sentences, and time.
+4. A small ViT (ViT-S/16 widths, random weights): kept magnitude and output cosine vs dense.
 
 Writes benchmarks/results/nm_sparsity.json and .md.
 """
@@ -31,6 +33,7 @@ from gkp_onnx.nm_permutation import kept_score, search_permutation
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT.parent / "shared" / "data" / "tinyllama-aidreams260K"
+MINILM = ROOT.parent / "shared" / "data" / "minilm-l6-v2"
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ = 128
 
@@ -86,7 +89,9 @@ def tiny_llama(tmp: Path) -> dict:
                   "calibration-aware": dict(nm_permute=False, calib=str(tmp / "calib.npz")),
                   "calibration-aware + refit": dict(nm_permute=False, calib=str(tmp / "calib.npz"), reconstruct=True),
                   "calibration-aware + permuted + refit": dict(nm_permute=True, calib=str(tmp / "calib.npz"),
-                                                               reconstruct=True)}
+                                                               reconstruct=True),
+                  "sparsegpt": dict(nm_permute=False, calib=str(tmp / "calib.npz"), nm_method="sparsegpt"),
+                  "sparsegpt + permuted": dict(nm_permute=True, calib=str(tmp / "calib.npz"), nm_method="sparsegpt")}
     for name, options in conditions.items():
         start = time.perf_counter()
         sparse, report = optimize(model, gkp=False, nm="2:4", input_shapes=shapes, validate=False, **options)
@@ -96,6 +101,46 @@ def tiny_llama(tmp: Path) -> dict:
         metrics.update(kept_magnitude=float(np.mean([l.kept_magnitude for l in layers])),
                        layers=len(layers), eligible_mac_share=report.nm.eligible_mac_share, seconds=seconds)
         result["conditions"][name] = metrics
+    return result
+
+
+def sentence_embeddings(model, tokens: dict[str, np.ndarray]) -> np.ndarray:
+    """sentence-transformers' pooling: mean of last_hidden_state over the tokens, L2-normalised."""
+    session = ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString())
+    pooled = []
+    for start in range(0, len(tokens["input_ids"]), 64):
+        feed = {name: value[start:start + 64] for name, value in tokens.items()}
+        hidden, mask = session.run(None, feed)[0], feed["attention_mask"][..., None]
+        pooled.append((hidden * mask).sum(1) / mask.sum(1))
+    pooled = np.concatenate(pooled)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def minilm(tmp: Path, calibration: int = 256) -> dict:
+    """all-MiniLM-L6-v2, 2:4 on its 36 projection MatMuls: pooled-embedding cosine to the dense model
+    and nearest-neighbour agreement on 512 held-out sentences (tokens 1000-1511)."""
+    model = MINILM / "all-MiniLM-L6-v2.onnx"
+    if not model.exists():
+        return {"skipped": f"{model} not found"}
+    tokens = dict(np.load(MINILM / "tokens.npz"))
+    np.savez(tmp / "minilm_calib.npz", **{k: v[:calibration] for k, v in tokens.items()})
+    held_out = {k: v[1000:1512] for k, v in tokens.items()}
+    dense = sentence_embeddings(str(model), held_out)
+    neighbours = np.argsort(-(dense @ dense.T), 1)[:, 1]
+    calib = str(tmp / "minilm_calib.npz")
+    result = {"calibration_sentences": calibration, "held_out_sentences": 512, "conditions": {}}
+    conditions = {"magnitude": dict(), "wanda + refit": dict(calib=calib, reconstruct=True),
+                  "sparsegpt": dict(calib=calib, nm_method="sparsegpt")}
+    for name, options in conditions.items():
+        start = time.perf_counter()
+        sparse, report = optimize(str(model), gkp=False, nm="2:4", validate=False, **options)
+        seconds = time.perf_counter() - start
+        pooled = sentence_embeddings(sparse, held_out)
+        cosine = (pooled * dense).sum(1)
+        result["conditions"][name] = {
+            "cosine_mean": float(cosine.mean()), "cosine_worst": float(cosine.min()),
+            "neighbour_agreement": float((np.argsort(-(pooled @ pooled.T), 1)[:, 1] == neighbours).mean()),
+            "layers": len(report.nm.layers), "seconds": seconds}
     return result
 
 
@@ -125,6 +170,16 @@ def markdown(results: dict) -> str:
         for name, m in llama["conditions"].items():
             lines.append(f"| {name} | {m['kept_magnitude']:.4f} | {100 * m['top1_agreement']:.2f}% | "
                          f"{m['perplexity']:.3f} | {m['seconds']:.1f} |")
+    mini = results.get("minilm", {})
+    if "conditions" in mini:
+        lines += ["", f"## all-MiniLM-L6-v2 (real weights), 2:4 on every projection MatMul, "
+                      f"{mini['calibration_sentences']} calibration sentences", "",
+                  "Pooled sentence embedding vs the dense model's on 512 held-out sentences.", "",
+                  "| condition | layers | cosine mean | cosine worst | nearest-neighbour agreement | optimize s |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in mini["conditions"].items():
+            lines.append(f"| {name} | {m['layers']} | {m['cosine_mean']:.4f} | {m['cosine_worst']:.4f} | "
+                         f"{100 * m['neighbour_agreement']:.1f}% | {m['seconds']:.0f} |")
     lines += ["", "## ViT-S/16 widths, 4 blocks (random weights)", "", "| condition | kept |w| | output cosine |",
               "|---|---|---|"]
     for name, m in results["vit_small"].items():
@@ -134,7 +189,8 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"random_64x128": random_matrices(), "tiny_llama": tiny_llama(Path(tmp)), "vit_small": vit(Path(tmp))}
+        results = {"random_64x128": random_matrices(), "tiny_llama": tiny_llama(Path(tmp)),
+                   "minilm": minilm(Path(tmp)), "vit_small": vit(Path(tmp))}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "nm_sparsity.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)

@@ -48,6 +48,18 @@ def test_search_gives_a_valid_permutation_that_never_loses():
         assert kept_score(scores, perm, 2, 4) > kept_score(scores, np.arange(64), 2, 4)
 
 
+def test_search_is_reproducible_whatever_the_machine_load(monkeypatch):
+    # the budget is work, not wall time: a slowed-down search finds the same order
+    import time
+
+    import gkp_onnx.nm_permutation as nm_permutation
+    scores = np.abs(np.random.default_rng(0).standard_normal((32, 64)))
+    first = search_permutation(scores, 2, 4, seconds=0.05)
+    top_sum = nm_permutation._top_sum
+    monkeypatch.setattr(nm_permutation, "_top_sum", lambda *a: (time.sleep(0.001), top_sum(*a))[1])
+    np.testing.assert_array_equal(search_permutation(scores, 2, 4, seconds=0.05), first)
+
+
 def test_windowed_search_on_a_large_matrix_stays_valid():
     scores = np.abs(np.random.default_rng(0).standard_normal((512, 1024)))
     perm = search_permutation(scores, 2, 4, seconds=0.3)
