@@ -201,7 +201,9 @@ class ReconstructNm(Pass):
     Column j keeps its non-zero set S_j (the N:M pattern is unchanged) and gets
     argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only when it lowers that column's error.
     Biases are not refit. Layers whose weight is not a plain initializer (Transpose / Cast /
-    DequantizeLinear on the way, batched MatMul weights) are left as masked.
+    DequantizeLinear on the way, batched MatMul weights) are left as masked. With method
+    "sparsegpt" a MatMul/Gemm's mask is chosen anew with the weights (gkp_onnx.nm.sparsegpt_nm).
+    Rows at padding positions (PADDING_INPUT is 0) are left out of a MatMul's Gram matrices.
     """
 
     name = "reconstruct_nm"
@@ -261,13 +263,14 @@ class ReconstructNm(Pass):
             gram += (rows.T @ rows).double().numpy()
             cross += (rows.T @ target).double().numpy()
             energy += (target.double() ** 2).sum(0).numpy()
+        if samples == 0:  # the data is all padding: nothing to fit to, the weights stay as they are
+            return 0.0, 0.0
         if self.method == "sparsegpt" and node.op_type != "Conv":
             new, before, after = self._sparsegpt(weight, gram, cross, energy)
         else:
             new, before, after = self._refit_columns(weight, gram, cross, energy)
         init.CopyFrom(numpy_helper.from_array(store(new).astype(numpy_helper.to_array(init).dtype), init.name))
         return before / samples / weight.shape[1], after / samples / weight.shape[1]
-
 
     def _refit_columns(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
         """Each column's kept weights refit by least squares; a column keeps the fit only when it lowers
