@@ -211,12 +211,9 @@ def sparsegpt_nm(weight: np.ndarray, gram: np.ndarray, n: int, m: int, damp: flo
             if i % m == 0:  # this run's survivors: the n with the largest saliency w^2 / [H^-1]_ii^2
                 saliency = part[:, i:i + m] ** 2 / scale[i:i + m]
                 drop = np.argsort(saliency, axis=1, kind="stable")[:, :m - n]
-                run = np.zeros((part.shape[0], m), dtype=bool)
-                np.put_along_axis(run, drop, True, axis=1)
-                pruned = run
-            column = part[:, i]
-            removed = np.where(pruned[:, i % m], column, 0.0)
-            error = removed / u[i, i]
+                pruned = np.zeros((part.shape[0], m), dtype=bool)
+                np.put_along_axis(pruned, drop, True, axis=1)
+            error = np.where(pruned[:, i % m], part[:, i], 0.0) / u[i, i]
             part[:, i:] -= np.outer(error, u[i, i:])
             part[:, i] = np.where(pruned[:, i % m], 0.0, part[:, i])
             errors[:, i] = error

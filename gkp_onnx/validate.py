@@ -193,6 +193,15 @@ def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH
         yield {name: array[start:start + step] for name, array in data.inputs.items()}
 
 
+def token_rows(padding: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Which rows of a [batch, sequence, features] tensor of `shape`, flattened to [rows, features],
+    are tokens and not padding (`padding`: the batch's PADDING_INPUT); None when the data has no
+    padding mask or the tensor is not laid out along it."""
+    if padding is None or tuple(shape[:-1]) != padding.shape:
+        return None
+    return padding.reshape(-1) != 0
+
+
 def run_session(session: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
     """One onnxruntime call; a model that loads but cannot run (inconsistent shapes, inputs it
     rejects) is a one-line GkpError."""
@@ -300,9 +309,9 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
             if name in tensors:
                 moved = np.moveaxis(value.astype(np.float64), tensors[name], -1)
                 flat = moved.reshape(-1, moved.shape[-1])
-                padding = feed.get(PADDING_INPUT)
-                if padding is not None and moved.shape[:-1] == padding.shape:  # tokens only, not padding
-                    flat = flat[padding.reshape(-1) != 0]
+                tokens = token_rows(feed.get(PADDING_INPUT), moved.shape)
+                if tokens is not None:
+                    flat = flat[tokens]
                 sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
                 counts[name] = counts.get(name, 0) + flat.shape[0]
     return {name: np.sqrt(sums[name] / counts[name]) for name in sums}

@@ -36,7 +36,7 @@ from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
-from gkp_onnx.validate import PADDING_INPUT, Dataset, batches, make_session
+from gkp_onnx.validate import PADDING_INPUT, Dataset, batches, make_session, token_rows
 
 if TYPE_CHECKING:  # torch is imported where it is used: it is an optional dependency
     import torch
@@ -253,12 +253,12 @@ class ReconstructNm(Pass):
         dim = weight.shape[0]
         gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
         samples = 0
-        for x, x_original, mask in pairs:
+        for x, x_original, padding in pairs:
             rows = features(x)
             target = reference_features(x_original) @ target_weight
-            if node.op_type == "MatMul" and mask is not None and x.shape[:-1] == mask.shape:
-                keep = torch.from_numpy(mask.reshape(-1) != 0)  # padding tokens are not calibration data
-                rows, target = rows[keep], target[keep]
+            tokens = token_rows(padding, x.shape) if node.op_type == "MatMul" else None
+            if tokens is not None:  # padding positions are not calibration data
+                rows, target = rows[torch.from_numpy(tokens)], target[torch.from_numpy(tokens)]
             samples += rows.shape[0]
             gram += (rows.T @ rows).double().numpy()
             cross += (rows.T @ target).double().numpy()

@@ -306,7 +306,6 @@ def test_pass_lowers_each_layer_error_and_brings_the_output_closer():
     assert error(result.model) < error(pruned)
 
 
-
 def test_refit_does_not_depend_on_the_blas_thread_state():
     # A cold cache leaves numpy's OpenBLAS on one thread after k-means, a warm one on all cores; a
     # 145-unknown solve rounds differently on 1 and 2 threads, and the output bytes must not care.
