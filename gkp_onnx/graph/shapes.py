@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph.canonical import silenced
@@ -126,25 +127,49 @@ def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, li
         inferred = onnx.shape_inference.infer_shapes(fold_constants(skeleton), strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types here; any of them means: no shapes
         raise GkpError(f"onnx shape inference failed: {str(exc).splitlines()[0][:300]}") from None
-    shapes: dict[str, list[int]] = {}
+    shapes = _static_shapes(inferred.graph)
+    if any(node.output[0] not in shapes for node in model.graph.node if node.op_type in MAC_OPS):
+        # onnx stops at shapes computed at run time (attention masks built from Shape, Range, Expand);
+        # onnxruntime's symbolic shape inference follows them
+        shapes = _symbolic_shapes(skeleton) | shapes
     graph = inferred.graph
+    for init in list(graph.initializer) + list(model.graph.initializer):  # folded constants have shapes too
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    shapes = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
                 and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
     return shapes
 
 
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    try:
+        with silenced():
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # an op it does not know, a shape it cannot merge: the shapes onnx found stay
+        return {}
+    return _static_shapes(inferred.graph) if inferred is not None else {}
+
+
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose big initializers carry dims but no data: shape inference reads only dims."""
+    """A copy whose big initializers become graph inputs of their dtype and dims: shape inference
+    reads only dims, and constant folding must not take a weight without its data for a constant."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    for init in skeleton.graph.initializer:
-        if len(init.raw_data) > 4096:
-            init.ClearField("raw_data")
+    big = [init for init in skeleton.graph.initializer if len(init.raw_data) > 4096]
+    listed = {value.name for value in skeleton.graph.input}
+    skeleton.graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                                for init in big if init.name not in listed)
+    names = {init.name for init in big}
+    kept = [init for init in skeleton.graph.initializer if init.name not in names]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
     return skeleton
 
 
