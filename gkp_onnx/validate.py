@@ -3,7 +3,9 @@
 Inputs come from a calibration/evaluation .npz (arrays keyed by input name, or `x` for a
 single-input model; optional labels `y`) or are seeded random tensors of the model's input
 shapes. Fidelity per output: max/mean absolute difference, cosine similarity, top-1 agreement
-(argmax over the last axis, for logits of rank 2 or 3), and accuracy when labels are given.
+(argmax over the last axis, for logits of rank 2 or 3), and accuracy when labels are given. With a
+padding mask (PADDING_INPUT), a [batch, sequence, features] output is measured at the tokens only,
+and runs skip the padding after each batch's last token (see `batches`).
 Data is checked as it is read: at least one sample, finite floating-point inputs, labels that are
 class indices (integers >= 0, one per sample); random inputs are capped at MAX_ELEMENTS each.
 """
@@ -182,15 +184,61 @@ def _check_labels(source: str, labels: np.ndarray, count: int) -> None:
         raise GkpError(f"{source}: labels y must be class indices of at least 0, got {labels.min():g}")
 
 
-def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH):
-    """Feeds covering the dataset in order: `batch` samples each, or the model's fixed batch size."""
+def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH, cut: bool = True):
+    """Feeds covering the dataset: `batch` samples each, or the model's fixed batch size. With a
+    padding mask over a dynamic sequence axis (`sequence_axis`) and `cut`, samples go shortest
+    first and each feed is cut after its last token: the tokens' values are the same, the work a
+    fraction of it."""
+    for rows in _batch_rows(session, data, batch, cut):
+        yield _feed(session, data, rows, cut)
+
+
+def _batch_rows(session: ort.InferenceSession, data: Dataset, batch: int, cut: bool) -> list[np.ndarray]:
     fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
     if len(data) % step and step != batch:
         raise GkpError(f"the model's batch size is fixed at {step}; the data's {len(data)} samples "
                        f"are not a multiple of it")
-    for start in range(0, len(data), step):
-        yield {name: array[start:start + step] for name, array in data.inputs.items()}
+    order = np.arange(len(data))
+    if cut and sequence_axis(session) is not None:
+        order = np.argsort(_last_token(data.inputs[PADDING_INPUT]), kind="stable")
+    return [order[start:start + step] for start in range(0, len(data), step)]
+
+
+def _feed(session: ort.InferenceSession, data: Dataset, rows: np.ndarray, cut: bool) -> dict[str, np.ndarray]:
+    feed = {name: array[rows] for name, array in data.inputs.items()}
+    sequence = sequence_axis(session) if cut else None
+    if sequence is not None:
+        end = int(_last_token(feed[PADDING_INPUT]).max()) + 1
+        for value in session.get_inputs():
+            if len(value.shape) >= 2 and value.shape[1] == sequence:
+                feed[value.name] = feed[value.name][:, :end]
+    return feed
+
+
+def _last_token(padding: np.ndarray) -> np.ndarray:
+    """Per sample, the position of its last token (-1 for none)."""
+    tokens = padding.reshape(len(padding), -1) != 0
+    return tokens.shape[1] - 1 - np.argmax(tokens[:, ::-1], axis=1) - (~tokens.any(axis=1))
+
+
+def sequence_axis(session: ort.InferenceSession) -> str | None:
+    """The name of the dynamic sequence axis of the padding mask (PADDING_INPUT, [batch, sequence]
+    with both dims symbolic); the inputs with that name at axis 1 can be cut after the last token."""
+    mask = next((value for value in session.get_inputs() if value.name == PADDING_INPUT), None)
+    if mask is None or len(mask.shape) != 2 or not all(isinstance(dim, str) for dim in mask.shape):
+        return None
+    return mask.shape[1]
+
+
+def _reassembles(session: ort.InferenceSession) -> bool:
+    """Outputs of cut feeds can be put back in order and length: each is [batch, ...] with its other
+    dims fixed or the sequence axis at position 1."""
+    batch, sequence = next(v for v in session.get_inputs() if v.name == PADDING_INPUT).shape
+    return all(value.shape and value.shape[0] == batch
+               and all(isinstance(dim, int) or (axis == 1 and dim == sequence)
+                       for axis, dim in enumerate(value.shape[1:], start=1))
+               for value in session.get_outputs())
 
 
 def token_rows(padding: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -212,9 +260,24 @@ def run_session(session: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
 
 
 def run_model(session: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
-    """All outputs over the whole dataset, run in batches."""
-    chunks = [run_session(session, feed) for feed in batches(session, data)]
-    return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
+    """All outputs over the whole dataset, run in batches, in the data's order (cut feeds: the
+    outputs back to the full length, zeros after each batch's last token)."""
+    sequence = sequence_axis(session)
+    cut = sequence is not None and _reassembles(session)
+    groups = _batch_rows(session, data, RUN_BATCH, cut)
+    chunks = [run_session(session, _feed(session, data, rows, cut)) for rows in groups]
+    outputs = []
+    for i, value in enumerate(session.get_outputs()):
+        parts = [chunk[i] for chunk in chunks]
+        if cut and len(value.shape) >= 2 and value.shape[1] == sequence:
+            full = data.inputs[PADDING_INPUT].shape[1]
+            parts = [np.pad(part, [(0, 0), (0, full - part.shape[1])] + [(0, 0)] * (part.ndim - 2))
+                     for part in parts]
+        merged = np.concatenate(parts)
+        if cut:
+            merged[np.concatenate(groups)] = merged.copy()
+        outputs.append(merged)
+    return outputs
 
 
 @dataclass
@@ -266,6 +329,9 @@ def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: li
     for name, ref, new in zip(names, reference, candidate):
         if ref.shape != new.shape:
             raise GkpError(f"output '{name}' changed shape: {list(ref.shape)} -> {list(new.shape)}")
+        tokens = token_rows(data.inputs.get(PADDING_INPUT), ref.shape)
+        if tokens is not None:  # [batch, sequence, features]: the tokens' values, not the padding's
+            ref, new = ref.reshape(-1, ref.shape[-1])[tokens], new.reshape(-1, new.shape[-1])[tokens]
         ref64, new64 = ref.astype(np.float64).ravel(), new.astype(np.float64).ravel()
         diff = np.abs(ref64 - new64)
         denominator = np.linalg.norm(ref64) * np.linalg.norm(new64)

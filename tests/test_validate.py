@@ -81,3 +81,71 @@ def test_random_token_ids_stay_inside_the_table_they_index():
     spec = input_specs(model)[0]
     assert spec.upper == 2
     assert random_dataset([spec], seed=0, batch=64).inputs["ids"].max() == 1
+
+
+def _masked_encoder(sequence="sequence") -> onnx.ModelProto:
+    """ids, attention_mask [batch, sequence] -> y [batch, sequence, 8]: each token's embedding plus
+    the masked mean of the sentence's embeddings (the tokens see each other, never the padding)."""
+    from onnx import helper, numpy_helper
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+             helper.make_node("Mul", ["emb", "mask3"], ["kept"]),
+             helper.make_node("ReduceSum", ["kept", "one"], ["total"], keepdims=1),
+             helper.make_node("ReduceSum", ["mask3", "one"], ["count"], keepdims=1),
+             helper.make_node("Div", ["total", "count"], ["mean"]),
+             helper.make_node("Add", ["emb", "mean"], ["y"])]
+    dims = ["batch", sequence]
+    graph = helper.make_graph(
+        nodes, "masked", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, dims),
+                          helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, dims + [8])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1], np.int64), "last"),
+         numpy_helper.from_array(np.array([1], np.int64), "one")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _padded_tokens(samples=150, length=40, seed=0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, samples)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
+    return Dataset({"ids": rng.integers(1, 50, (samples, length)) * mask, "attention_mask": mask})
+
+
+def test_runs_cut_the_padding_and_give_every_token_its_value_in_order(monkeypatch):
+    import gkp_onnx.validate as validate
+
+    data = _padded_tokens()
+    session = validate.make_session(_masked_encoder())
+    full = session.run(None, data.inputs)[0]
+    lengths = []
+    run = validate.run_session
+    monkeypatch.setattr(validate, "run_session",
+                        lambda s, feed: lengths.append(feed["ids"].shape[1]) or run(s, feed))
+    cut = validate.run_model(session, data)[0]
+    tokens = data.inputs["attention_mask"] != 0
+    np.testing.assert_allclose(cut[tokens], full[tokens], rtol=1e-6, atol=1e-6)
+    assert len(lengths) == 3 and max(lengths) == 40 and min(lengths) < 40  # shortest sentences first, cut
+    assert fidelity([full], [cut], ["y"], data).min_cosine == pytest.approx(1.0)  # padding is not measured
+
+
+def test_feeds_are_cut_only_along_a_dynamic_sequence_axis():
+    import gkp_onnx.validate as validate
+
+    data = _padded_tokens()
+    fixed = validate.make_session(_masked_encoder(sequence=40))
+    assert validate.sequence_axis(fixed) is None
+    assert {feed["ids"].shape[1] for feed in validate.batches(fixed, data)} == {40}
+    dynamic = validate.make_session(_masked_encoder())
+    assert min(feed["ids"].shape[1] for feed in validate.batches(dynamic, data)) < 40
+    assert {feed["ids"].shape[1] for feed in validate.batches(dynamic, data, cut=False)} == {40}
+
+
+def test_fidelity_of_a_token_output_leaves_the_padding_out():
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    ref = np.random.default_rng(1).standard_normal((2, 3, 4))
+    new = ref.copy()
+    new[mask == 0] = 100.0  # whatever a model computes at padding positions
+    result = fidelity([ref], [new], ["hidden"], Dataset({"attention_mask": mask}))
+    assert result.max_abs_diff == 0.0 and result.min_cosine == pytest.approx(1.0) and result.top1_agreement == 1.0
