@@ -274,30 +274,33 @@ class ReconstructNm(Pass):
 
     def _refit_columns(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
         """Each column's kept weights refit by least squares; a column keeps the fit only when it lowers
-        its error. Returns the new weight and the summed squared errors before and after."""
+        its error. Returns the new weight and the summed squared errors before and after.
+
+        Columns with as many kept weights go in batches: their sub-Gram matrices gathered at once and
+        solved by a float32 Cholesky factorisation; the errors that decide are float64."""
         import torch
 
         kept = weight != 0
-        new = weight.copy()
-        before = after = 0.0
+        candidate = weight.copy()
         counts = kept.sum(0)
-        for count in np.unique(counts):
+        gram32, cross32 = torch.from_numpy(gram.astype(np.float32)), torch.from_numpy(cross.astype(np.float32))
+        for count in map(int, np.unique(counts)):
             columns = np.flatnonzero(counts == count)
-            for chunk in np.array_split(columns, max(1, len(columns) * int(count) ** 2 // 2 ** 25)):
+            for chunk in np.array_split(columns, max(1, len(columns) * count ** 2 // 2 ** 24)):
                 index = np.nonzero(kept[:, chunk].T)[1].reshape(len(chunk), count)  # [b, k] kept rows
-                g = torch.from_numpy(gram[index[:, :, None], index[:, None, :]])
-                c = torch.from_numpy(cross[index, chunk[:, None]])
-                old = torch.from_numpy(weight[index, chunk[:, None]])
-                lam = self.ridge * torch.diagonal(g, dim1=1, dim2=2).sum(1) / max(int(count), 1)
-                fit = torch.linalg.solve(g + lam[:, None, None] * torch.eye(int(count), dtype=g.dtype),
-                                         c.unsqueeze(-1)).squeeze(-1)
-                err_old = _quadratic(old, g, c) + torch.from_numpy(energy[chunk])
-                err_new = _quadratic(fit, g, c) + torch.from_numpy(energy[chunk])
-                better = err_new < err_old
-                new[index[better], chunk[better, None]] = fit[better].numpy()
-                before += float(err_old.sum())
-                after += float(torch.where(better, err_new, err_old).sum())
-        return new, before, after
+                rows = torch.from_numpy(index)
+                g = gram32[rows[:, :, None], rows[:, None, :]]
+                lam = self.ridge * torch.diagonal(g, dim1=1, dim2=2).sum(1) / max(count, 1)
+                g.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+                factor, failed = torch.linalg.cholesky_ex(g)
+                fit = torch.cholesky_solve(cross32[rows, torch.from_numpy(chunk)[:, None]].unsqueeze(-1), factor)
+                fit = fit.squeeze(-1).numpy()
+                solved = (failed.numpy() == 0) & np.isfinite(fit).all(1)
+                candidate[index[solved], chunk[solved, None]] = fit[solved]
+        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
+        better = err_new < err_old
+        new = np.where(better[None, :], candidate, weight)
+        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
 
     def _sparsegpt(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
         """SparseGPT from the dense least-squares optimum W* = (G + lam I)^-1 C: since
@@ -312,13 +315,6 @@ class ReconstructNm(Pass):
         better = err_new < err_old
         new = np.where(better[None, :], candidate, weight)
         return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
-
-
-def _quadratic(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """w^T G w - 2 w^T c per batch entry."""
-    import torch
-
-    return torch.einsum("bi,bij,bj->b", w, gram, w) - 2 * (w * cross).sum(1)
 
 
 def _linear_view(node: onnx.NodeProto, initializers: dict):
