@@ -3,7 +3,7 @@ report) and `build_pipeline`, which builds the passes from the options.
 
     load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups
          -> select_kernels -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers
-         -> nm_sparsify [-> reconstruct_nm] -> check (onnx.checker + shape inference)
+         -> nm_sparsify [-> reconstruct_nm] [-> nm_budget] -> check (onnx.checker + shape inference)
          -> validate (onnxruntime) -> report
 """
 
@@ -21,16 +21,18 @@ from gkp_onnx.cache import cache_dir
 from gkp_onnx.choice import GroupScore
 from gkp_onnx.cost import AnalyticCpuCost, CostModel, MeasuredCost, nchwc_block_size
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph import InputSpec, assumed_note, clear_marks, ensure_node_names, graph_inputs, input_specs, model_stats
+from gkp_onnx.graph import (InputSpec, assumed_note, clear_marks, ensure_node_names, graph_inputs, input_specs,
+                            model_stats)
 from gkp_onnx.guard import never_slower, slower
 from gkp_onnx.model_io import check_finite, check_model, load_model
-from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm
+from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm, share_of_macs
 from gkp_onnx.options import OptimizeOptions
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.passes.choose_groups import ChooseGroups
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
+from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
@@ -40,7 +42,8 @@ from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import RANDOM_BATCH, Dataset, channel_rms, compare, load_dataset, random_dataset
+from gkp_onnx.validate import (RANDOM_BATCH, Dataset, channel_rms, compare, load_dataset, make_session, random_dataset,
+                               run_model)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +123,12 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
     nm_result = None
+    check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
+        if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
     if opts.nm:
         start = time.perf_counter()
-        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working)
+        budget = (given, check, model_stats(optimized, specs).node_macs) if _nm_budget(opts) else None
+        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working, budget)
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers) and (opts.ratio > 0 or opts.nm):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
@@ -134,7 +140,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
             if opts.nm:
-                rebuilt, _ = _nm_sparsity(rebuilt, opts, patterns, data, working)
+                rebuilt, _ = _nm_sparsity(rebuilt, opts, patterns, data, working, budget)
             return rebuilt
 
         optimized, latency = never_slower(given, optimized, plan, opts, rebuild)
@@ -150,14 +156,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes)
     if nm_result:
-        nm_result.eligible_mac_share = _share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
+        nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
         report.reconstruction = {**details.get("reconstruction", {}),
                                  **(nm_result.reconstruction if nm_result else {})}
     if opts.validate:
         start = time.perf_counter()
-        data = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None)
-        report.fidelity = compare(given, optimized, data)
+        report.fidelity = compare(given, optimized, check)
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
     if latency is not None:
@@ -192,9 +197,17 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
 
 
+def _nm_budget(opts: OptimizeOptions) -> bool:
+    """--min-cosine with --nm is also the budget N:M sparsifies to (passes/nm_budget.py)."""
+    return bool(opts.nm) and opts.thresholds.min_cosine is not None
+
+
 def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
-                 data: Dataset | None, original: onnx.ModelProto) -> tuple[onnx.ModelProto, NmResult]:
-    """N:M sparsity [-> refit of the kept weights towards `original`'s layer outputs]."""
+                 data: Dataset | None, original: onnx.ModelProto,
+                 budget: tuple[onnx.ModelProto, Dataset, dict] | None = None) -> tuple[onnx.ModelProto, NmResult]:
+    """N:M sparsity [-> refit of the kept weights towards `original`'s layer outputs] [-> the layers
+    the fidelity budget cannot afford put back dense; `budget`: (the reference model, the data
+    fidelity is measured on, MACs per node)]."""
     n, m = parse_nm(opts.nm)
     ops = NM_OPS + (("Conv",) if opts.nm_conv else ())
     norms = {}
@@ -204,15 +217,27 @@ def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[r
         axes = {nodes[ref.node].input[0]: (1 if ref.op == "Conv" else -1) for ref in refs}
         rms = channel_rms(model, axes, data)
         norms = {ref.node: rms[nodes[ref.node].input[0]] for ref in refs}
-    sparsify = NmSparsify(n, m, opts.nm_conv, opts.nm_include_head, patterns, norms, opts.nm_permute, seed=opts.seed)
+    sparsify = NmSparsify(n, m, opts.nm_conv, opts.nm_include_head, patterns, norms, opts.nm_permute, seed=opts.seed,
+                          keep_dense=budget is not None)
     plan, details = Plan(ratio=0.0, method="nm", seed=opts.seed), {}
     model, _ = run_passes([sparsify], model, plan, details, keep=True)  # `model` may still be the reference
     result = details["nm"]
-    if opts.reconstruct or opts.nm_method == "sparsegpt":
-        refit = ReconstructNm(original, data, [layer.node for layer in result.layers], details["output_orders"],
-                              method="sparsegpt" if opts.nm_method == "sparsegpt" else "refit", nm=(n, m))
-        model, _ = run_passes([refit], model, plan, details)
-        result.reconstruction = details["reconstruction"]
+
+    def refit(model: onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
+        found: dict = {}
+        model, _ = run_passes([ReconstructNm(original, data, layers, details["output_orders"], nm=(n, m),
+                                             method="sparsegpt" if opts.nm_method == "sparsegpt" else "refit")],
+                              model, plan, found)
+        return model, found["reconstruction"]
+
+    refits = opts.reconstruct or opts.nm_method == "sparsegpt"
+    if refits:
+        model, result.reconstruction = refit(model, [layer.node for layer in result.layers])
+    if budget is not None and result.layers:
+        reference, check, macs = budget
+        outputs = run_model(make_session(reference), check)
+        model, _ = run_passes([NmBudget(result, details["nm_dense"], outputs, check, opts.thresholds.min_cosine,
+                                        macs, refit if refits else None)], model, plan)
     return model, result
 
 
@@ -227,12 +252,6 @@ def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions)
     elif opts.gkp:
         why.append("for MatMul/Gemm models use --nm 2:4")
     return ", ".join(why) or "GKP and N:M are both off"
-
-
-def _share_of_macs(node_macs: dict[str, int | None], nodes: set[str]) -> float:
-    known = {name: macs for name, macs in node_macs.items() if macs}
-    total = sum(known.values())
-    return sum(macs for name, macs in known.items() if name in nodes) / total if total else 0.0
 
 
 def _dynamic_batch(model: onnx.ModelProto) -> bool:

@@ -21,17 +21,9 @@ from gkp_onnx.graph import (MAC_OPS, assumed_note, ensure_node_names, infer_shap
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
-from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm
+from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm, tensorrt_sparse_likely
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
-
-
-def tensorrt_sparse_likely(weight_shape: list[int], axis: int, is_nm: bool, n: int, m: int) -> bool:
-    if not is_nm or (n, m) != (2, 4) or len(weight_shape) < 2:
-        return False
-    reduction = weight_shape[axis]
-    outputs = int(np.prod(weight_shape)) // reduction
-    return all(d >= TRT_MIN_DIM and d % 16 == 0 for d in (reduction, outputs))
 
 
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, include_stem: bool = False,

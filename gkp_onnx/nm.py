@@ -19,6 +19,16 @@ NM_OPS = ("MatMul", "Gemm")
 TRT_MIN_DIM = 256
 
 
+def tensorrt_sparse_likely(weight_shape: list[int], axis: int, is_nm: bool, n: int, m: int) -> bool:
+    """Whether TensorRT's 2:4 sparse kernels would likely run a layer with this weight: 2:4, and the
+    reduction and output sizes both at least TRT_MIN_DIM and multiples of 16."""
+    if not is_nm or (n, m) != (2, 4) or len(weight_shape) < 2:
+        return False
+    reduction = weight_shape[axis]
+    outputs = int(np.prod(weight_shape)) // reduction
+    return all(d >= TRT_MIN_DIM and d % 16 == 0 for d in (reduction, outputs))
+
+
 def parse_nm(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
     if not match:
@@ -103,6 +113,7 @@ class NmLayer:
     kept_magnitude_plain: float  # what plain |w| selection in the original channel order keeps
     score: str  # "magnitude" or "calibration"
     permuted: bool = False
+    damage: float | None = None  # with a fidelity budget: output cosine regained by keeping it alone dense
 
 
 @dataclass
@@ -113,6 +124,14 @@ class NmResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     eligible_mac_share: float = 0.0  # MatMul/Gemm MACs now N:M-sparse / all MatMul/Gemm MACs
     reconstruction: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> MSE before/after refit
+    budget: dict | None = None  # with --min-cosine: the budget, the cosine reached, layers kept sparse
+
+
+def share_of_macs(node_macs: dict[str, int | None], nodes: set[str]) -> float:
+    """The share of the MACs of the nodes with known MACs that `nodes` hold."""
+    known = {name: macs for name, macs in node_macs.items() if macs}
+    total = sum(known.values())
+    return sum(macs for name, macs in known.items() if name in nodes) / total if total else 0.0
 
 
 def nm_candidates(model: onnx.ModelProto, n: int, m: int, ops=NM_OPS, exclude=(), include_head=False

@@ -84,7 +84,7 @@ class Report:
             "nm": None if self.nm is None else {
                 "pattern": f"{self.nm.n}:{self.nm.m}", "layers": [asdict(layer) for layer in self.nm.layers],
                 "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
-                "eligible_mac_share": self.nm.eligible_mac_share, "note": NM_NOTE},
+                "eligible_mac_share": self.nm.eligible_mac_share, "budget": self.nm.budget, "note": NM_NOTE},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -147,15 +147,23 @@ class Report:
         width = max([len(layer.node) for layer in nm.layers] + [5])
         lines = ["", f"N:M {nm.n}:{nm.m} sparsity (reduction axis)",
                  f"{'layer':<{width}}  {'op':<6} {'weight':<14} {'axis':>4} {'kept |w|':>9} "
-                 f"{'(plain)':>8} {'permuted':>8}  score"]
+                 f"{'(plain)':>8} {'permuted':>8}  {'damage':>7}  score"]
         for layer in nm.layers:
             shape = "[" + ",".join(map(str, layer.shape)) + "]"
+            damage = "-" if layer.damage is None else f"{layer.damage:.1e}"
             lines.append(f"{layer.node:<{width}}  {layer.op:<6} {shape:<14} {layer.axis:>4} "
                          f"{layer.kept_magnitude:>9.4f} {layer.kept_magnitude_plain:>8.4f} "
-                         f"{'yes' if layer.permuted else 'no':>8}  {layer.score}")
+                         f"{'yes' if layer.permuted else 'no':>8}  {damage:>7}  {layer.score}")
+        damage = nm.budget["damage"] if nm.budget else {}
         for node, reason in nm.skipped:
-            lines.append(f"skipped {node}: {reason}")
+            lines.append(f"skipped {node}: {reason}" + (f", damage {damage[node]:.1e}" if node in damage else ""))
         lines.append(f"MatMul/Gemm MACs now {nm.n}:{nm.m}-sparse: {100 * nm.eligible_mac_share:.1f}%")
+        if nm.budget:
+            budget = nm.budget
+            lines.append(f"fidelity budget: cosine >= {budget['min_cosine']:g} on {budget['samples']} samples "
+                         f"({budget['data']}): {budget['sparse_layers']} of {budget['candidates']} layers kept "
+                         f"{nm.n}:{nm.m}, cosine {budget['cosine']:.6f} (damage: the cosine regained by keeping the layer "
+                         f"alone dense)")
         lines.append("note: " + NM_NOTE)
         return lines
 

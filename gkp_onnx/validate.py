@@ -70,7 +70,8 @@ def _session(source: bytes | str, options: ort.SessionOptions, providers) -> ort
 
 
 def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = None) -> Dataset:
-    """Seeded random inputs: normal floats, small non-negative ints, random bools."""
+    """Seeded random inputs: normal floats, small non-negative ints (below the size of the table they
+    index), random bools; a padding mask (PADDING_INPUT) is all ones."""
     rng = np.random.default_rng(check("seed", seed))
     inputs = {}
     for spec in specs:
@@ -83,6 +84,8 @@ def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = No
                            f"smaller --input-shape dims")
         if spec.dtype.kind == "f":
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.name == PADDING_INPUT:  # a padding mask: every position a token
+            inputs[spec.name] = np.ones(shape, spec.dtype)
         elif spec.dtype.kind in "iu":
             high = min(spec.upper, 8) if spec.upper else 8  # indices stay inside the table they index
             inputs[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
@@ -259,13 +262,15 @@ def run_session(session: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
         raise GkpError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:300]}") from None
 
 
-def run_model(session: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
+def run_model(session: ort.InferenceSession, data: Dataset, constants: dict[str, np.ndarray] | None = None
+              ) -> list[np.ndarray]:
     """All outputs over the whole dataset, run in batches, in the data's order (cut feeds: the
-    outputs back to the full length, zeros after each batch's last token)."""
+    outputs back to the full length, zeros after each batch's last token); `constants`: inputs
+    fed whole to every batch (e.g. weights)."""
     sequence = sequence_axis(session)
     cut = sequence is not None and _reassembles(session)
     groups = _batch_rows(session, data, RUN_BATCH, cut)
-    chunks = [run_session(session, _feed(session, data, rows, cut)) for rows in groups]
+    chunks = [run_session(session, _feed(session, data, rows, cut) | (constants or {})) for rows in groups]
     outputs = []
     for i, value in enumerate(session.get_outputs()):
         parts = [chunk[i] for chunk in chunks]

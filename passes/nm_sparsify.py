@@ -43,7 +43,7 @@ class NmSparsify(Pass):
 
     def __init__(self, n: int, m: int, include_conv: bool = False, include_head: bool = False,
                  exclude: list[re.Pattern] = (), input_norms: dict[str, np.ndarray] | None = None,
-                 permute: bool = True, permutation_seconds: float = 1.0, seed: int = 0):
+                 permute: bool = True, permutation_seconds: float = 1.0, seed: int = 0, keep_dense: bool = False):
         self.n, self.m = n, m
         self.ops = NM_OPS + (("Conv",) if include_conv else ())
         self.include_head = include_head
@@ -52,6 +52,7 @@ class NmSparsify(Pass):
         self.permute = permute
         self.permutation_seconds = permutation_seconds
         self.seed = seed
+        self.keep_dense = keep_dense  # details["nm_dense"]: each weight's values before its mask (nm_budget)
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
 
@@ -68,13 +69,17 @@ class NmSparsify(Pass):
             permuted, output_orders = permute_reduction_channels(
                 model, refs, self.n, self.m, self.input_norms, self.permutation_seconds, self.seed)
             initializers = initializer_map(model.graph)
+        dense = {}
         for ref in refs:
             init = initializers[ref.initializer]
             weight = numpy_helper.to_array(init)
+            if self.keep_dense:
+                dense[ref.initializer] = weight
             mask = mask_for(ref, weight, initializers, self.input_norms.get(ref.node), self.n, self.m)
             init.CopyFrom(numpy_helper.from_array(apply_mask(ref, weight, mask, initializers), init.name))
             result.layers.append(NmLayer(
                 ref.node, ref.op, ref.initializer, list(weight.shape), ref.axis,
                 kept_share(_dequantized(ref, weight, initializers), mask), plain[ref.node],
                 "calibration" if ref.node in self.input_norms else "magnitude", ref.node in permuted))
-        return PassResult(model, plan, modified=bool(refs), details={"nm": result, "output_orders": output_orders})
+        return PassResult(model, plan, modified=bool(refs), details={"nm": result, "output_orders": output_orders,
+                                                                      "nm_dense": dense})

@@ -113,3 +113,18 @@ def test_shape_inference_does_not_change_the_model():
     before = model.SerializeToString()
     infer_shapes(model, input_specs(model, {"x": [1, 4, 32]}))
     assert model.SerializeToString() == before
+
+
+def test_shape_inference_writes_nothing_where_it_runs(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference saves the model to the working directory when it cannot
+    finish (here: an op of an unknown domain); gkp-onnx takes the shapes it found and writes nothing."""
+    model = _encoder_like()
+    model.opset_import.append(helper.make_opsetid("custom.domain", 1))
+    scaled = next(node for node in model.graph.node if node.output[0] == "scaled")
+    scaled.output[0] = "scaled_raw"
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            helper.make_node("Unknown", ["scaled_raw"], ["scaled"], domain="custom.domain"))
+    monkeypatch.chdir(tmp_path)
+    stats = model_stats(model, input_specs(model, {"x": [1, 4, 32]}))
+    assert list(tmp_path.iterdir()) == []
+    assert stats.node_macs == {"projection": None}  # after the unknown op nothing can know the shape

@@ -7,7 +7,7 @@ from conftest import random_feed, run, shared_file
 
 from gkp_onnx import optimize
 from gkp_onnx.errors import GkpError
-from gkp_onnx.inspect import tensorrt_sparse_likely
+from gkp_onnx.nm import tensorrt_sparse_likely
 from gkp_onnx.nm import nm_mask, parse_nm, satisfies_nm
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.plan import Plan

@@ -149,3 +149,10 @@ def test_fidelity_of_a_token_output_leaves_the_padding_out():
     new[mask == 0] = 100.0  # whatever a model computes at padding positions
     result = fidelity([ref], [new], ["hidden"], Dataset({"attention_mask": mask}))
     assert result.max_abs_diff == 0.0 and result.min_cosine == pytest.approx(1.0) and result.top1_agreement == 1.0
+
+
+def test_a_random_padding_mask_marks_every_position_a_token():
+    specs = input_specs(_masked_encoder(), {"ids": [1, 12], "attention_mask": [1, 12]})
+    data = random_dataset(specs, seed=0, batch=4)
+    assert data.inputs["attention_mask"].shape == (4, 12) and (data.inputs["attention_mask"] == 1).all()
+    assert data.inputs["ids"].max() < 50  # the embedding table's rows

@@ -129,7 +129,9 @@ def images(args: argparse.Namespace):
 def add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fidelity thresholds (exit code 1 when missed)")
     group.add_argument("--max-abs-diff", type=option("max_abs_diff"), help="at least 0")
-    group.add_argument("--min-cosine", type=option("min_cosine"), help="in [-1, 1]")
+    group.add_argument("--min-cosine", type=option("min_cosine"),
+                       help="in [-1, 1]; with --nm also the budget: layers whose N:M sparsity would take the "
+                            "cosine below it stay dense")
     group.add_argument("--min-top1-agreement", type=option("min_top1_agreement"), help="fraction in [0, 1]")
 
 

@@ -1,4 +1,5 @@
-"""The graph layer every pass builds on; it imports only onnx, onnx-graphsurgeon and numpy.
+"""The graph layer every pass builds on; it imports only onnx, onnx-graphsurgeon, numpy and onnxruntime's
+symbolic shape inference.
 
 - `index`: producers, readers, node attributes and names, initializers by name, node marks.
 - `shapes`: concrete input specs, shape inference, MACs and parameter counts.
@@ -9,7 +10,8 @@
 from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, GLOBAL_POOLS, POOLS, UNARY_ELEMENTWISE, Component,
                                      chain_index, channel_constant, channel_count, components, gather_index, is_depthwise,
                                      is_per_channel, reduction_axis, walk_to_consumer, walk_to_producer)
-from gkp_onnx.graph.edit import drop_unread, permuted, reindex_params, reorder, replace_initializer, take_rows
+from gkp_onnx.graph.edit import (drop_unread, initializers_as_inputs, permuted, reindex_params, reorder,
+                                 replace_initializer, take_rows)
 from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
                                   marked, node_attr)
 from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, assumed_note, fold_constants, graph_inputs,

@@ -97,6 +97,8 @@ def silenced():
             os.dup2(null.fileno(), 2)
             yield
     finally:
+        sys.stdout.flush()  # what Python buffered meanwhile goes to /dev/null too
+        sys.stderr.flush()
         for fd, copy in zip((1, 2), saved):
             os.dup2(copy, fd)
             os.close(copy)

@@ -81,3 +81,19 @@ def permuted(model: onnx.ModelProto, permutations: dict[str, list[int]]) -> onnx
                            f"(a plan made for another model?)")
         reorder(result, component, np.asarray(order, dtype=np.int64))
     return result
+
+
+def initializers_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` in which the named initializers are graph inputs of their dtype and dims
+    (fed at run time, or for shape inference: dims without data)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = set(names)
+    moved = [init for init in copy.graph.initializer if init.name in names]
+    kept = [init for init in copy.graph.initializer if init.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    listed = {value.name for value in copy.graph.input}
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                            for init in moved if init.name not in listed)
+    return copy

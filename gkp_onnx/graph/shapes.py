@@ -6,6 +6,7 @@ inputs are made concrete (batch 1 unless the user says otherwise), so MACs are p
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -13,10 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph.canonical import silenced
+from gkp_onnx.graph.edit import initializers_as_inputs
 from gkp_onnx.graph.index import node_attr
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
@@ -149,28 +150,33 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    try:
-        with silenced():
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # an op it does not know, a shape it cannot merge: the shapes onnx found stay
+    """The shapes onnxruntime's symbolic shape inference finds, also when it cannot find them all
+    (its `infer_shapes` then raises, after writing the model to the working directory)."""
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 7 for o in model.opset_import):
         return {}
-    return _static_shapes(inferred.graph) if inferred is not None else {}
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")  # it warns through Python's logging
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        # imported here: onnxruntime.tools imports torch when it is installed, which only this needs to pay
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with silenced():
+            inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # auto_merge, like infer_shapes(...)
+            inference._preprocess(model)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+        return _static_shapes(inference.out_mp_.graph)
+    except Exception:  # an op it does not know, a shape it cannot merge, no onnxruntime.tools: onnx's shapes stay
+        return {}
+    finally:
+        logger.disabled = disabled
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose big initializers become graph inputs of their dtype and dims: shape inference
-    reads only dims, and constant folding must not take a weight without its data for a constant."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    big = [init for init in skeleton.graph.initializer if len(init.raw_data) > 4096]
-    listed = {value.name for value in skeleton.graph.input}
-    skeleton.graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-                                for init in big if init.name not in listed)
-    names = {init.name for init in big}
-    kept = [init for init in skeleton.graph.initializer if init.name not in names]
-    del skeleton.graph.initializer[:]
-    skeleton.graph.initializer.extend(kept)
-    return skeleton
+    """A copy whose big initializers are graph inputs of their dtype and dims: shape inference reads
+    only dims, and constant folding must not take a weight without its data for a constant."""
+    return initializers_as_inputs(model, [init.name for init in model.graph.initializer if len(init.raw_data) > 4096])
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
