@@ -44,6 +44,29 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX model without its external data (the tensors keep their references)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GkpError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise GkpError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from None
+    if not model.opset_import or not model.graph.node:
+        raise GkpError(f"not an ONNX model (no graph or opset): {path}")
+    check_model_file(path)
+    return model
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """onnx.checker on a model file, external data included, without loading it."""
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, DecodeError, ValueError, OSError) as exc:
+        raise GkpError(f"invalid ONNX model {path}: {_first_line(exc)}") from None
+
+
 def check_tensor_sizes(model: onnx.ModelProto, what: str = "model") -> None:
     """A one-line error naming the first initializer whose stored bytes do not fit its dims and
     type (onnx.checker does not look)."""

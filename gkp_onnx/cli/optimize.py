@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from gkp_onnx.api import optimize
     from gkp_onnx.model_io import write_model
     from gkp_onnx.outputs import Outputs
+    from gkp_onnx.streaming import streaming_writer
 
     with Outputs() as outputs:  # checked before any work, written together at the end
         outputs.read_model(args.input)
@@ -59,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: without --calib data, pruning at ratio {options['ratio']:g} is one-shot: accuracy usually "
                   f"falls far (the CIFAR ResNets keep ~20% top-1 at 0.4375); --calib DATA --reconstruct "
                   f"recovers most of it", flush=True)
-        optimized, report = optimize(args.input, images=shared.images(args), **options)
-        outputs.stage(out, lambda path: write_model(optimized, path))
+        stream = streaming_writer(args.input, images=shared.images(args), **options)
+        if stream is not None:  # a model larger than memory, weight by weight
+            reports = []
+            outputs.stage(out, lambda path: reports.append(stream(path)))
+            report = reports[0]
+        else:
+            optimized, report = optimize(args.input, images=shared.images(args), **options)
+            outputs.stage(out, lambda path: write_model(optimized, path))
         outputs.stage(report_path, report.save)
         outputs.stage(plan_path, report.plan.save)
     print(report.table())
