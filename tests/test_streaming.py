@@ -101,3 +101,14 @@ def test_external_data_outside_the_model_folder_is_refused(llama, tmp_path, caps
     onnx.save_model(model, str(bad))
     line = cli_error(capsys, ["optimize", str(bad), str(tmp_path / "out.onnx"), "--nm", "2:4"])
     assert "elsewhere.data" in line and not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_external_data_is_a_one_line_error(llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(streaming, "STREAM_BYTES", 1)
+    copy = tmp_path / "llama.onnx"
+    copy.write_bytes(llama.read_bytes())
+    data = (llama.parent / "llama.onnx.data").read_bytes()
+    (tmp_path / "llama.onnx.data").write_bytes(data[:len(data) // 2])
+    line = cli_error(capsys, ["optimize", str(copy), str(tmp_path / "out.onnx"), "--nm", "2:4"])
+    assert "llama.onnx" in line and not (tmp_path / "out.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gkp-tmp")]
