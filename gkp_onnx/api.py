@@ -3,7 +3,7 @@ report) and `build_pipeline`, which builds the passes from the options.
 
     load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups
          -> select_kernels -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers
-         -> nm_sparsify [-> reconstruct_nm] [-> nm_budget] -> check (onnx.checker + shape inference)
+         [-> prune_neurons [-> reconstruct_nm]] -> nm_sparsify [-> reconstruct_nm] [-> nm_budget] -> check (onnx.checker + shape inference)
          -> validate (onnxruntime) -> report
 """
 
@@ -35,6 +35,7 @@ from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
+from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SelectKernels
@@ -122,6 +123,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
+    if opts.ffn_ratio:
+        start = time.perf_counter()
+        optimized = _prune_neurons(optimized, opts, patterns, data, working, details)
+        timings["prune_neurons"] = time.perf_counter() - start
     nm_result = None
     check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
         if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
@@ -130,7 +135,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         budget = (given, check, model_stats(optimized, specs).node_macs) if _nm_budget(opts) else None
         optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working, budget)
         timings["nm_sparsify"] = time.perf_counter() - start
-    if not plan.layers and not (nm_result and nm_result.layers) and (opts.ratio > 0 or opts.nm):
+    if not plan.layers and not (nm_result and nm_result.layers) and not details.get("neurons") \
+            and (opts.ratio > 0 or opts.nm or opts.ffn_ratio):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
     latency = None
     if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
@@ -139,6 +145,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         def rebuild(reverted: Plan) -> onnx.ModelProto:
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
+            if opts.ffn_ratio:
+                rebuilt = _prune_neurons(rebuilt, opts, patterns, data, working, details)
             if opts.nm:
                 rebuilt, _ = _nm_sparsity(rebuilt, opts, patterns, data, working, budget)
             return rebuilt
@@ -154,7 +162,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     except Exception as exc:  # a rewrite that breaks shape inference is a gkp-onnx bug; say so plainly
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
-                    after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes)
+                    after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes,
+                    neurons=details.get("neurons", []))
     if nm_result:
         nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
@@ -195,6 +204,23 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
         return opts.cost_model
     return MeasuredCost(provider=opts.bench_providers[0], threads=opts.bench_threads,
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
+
+
+def _prune_neurons(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern], data: Dataset | None,
+                   original: onnx.ModelProto, details: dict) -> onnx.ModelProto:
+    """Feed-forward neurons removed [-> the consumers refit towards `original`'s outputs]."""
+    rms = {}
+    if data is not None:  # calibration-aware scores: the RMS of each neuron's activation
+        rms = channel_rms(model, {tensor: -1 for tensor, _ in ffn_regions(model, patterns)}, data)
+    found: dict = {}
+    plan = Plan(ratio=0.0, method="neurons", seed=opts.seed)
+    model, _ = run_passes([PruneNeurons(opts.ffn_ratio, patterns, rms)], model, plan, found, keep=True)
+    details["neurons"] = found["neurons"]
+    if opts.reconstruct and found["neurons"]:
+        layers = [name for region in found["neurons"] for name in region["consumers"]]
+        model, _ = run_passes([ReconstructNm(original, data, layers, intercept=True)], model, plan, found)
+        details.setdefault("reconstruction", {}).update(found["reconstruction"])
+    return model
 
 
 def _nm_budget(opts: OptimizeOptions) -> bool:
@@ -250,7 +276,10 @@ def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions)
         reasons = "; ".join(sorted({reason for _, reason in nm_result.skipped})) or "the model has no MatMul/Gemm"
         why.append(f"no weight N:M can sparsify ({reasons})")
     elif opts.gkp:
-        why.append("for MatMul/Gemm models use --nm 2:4")
+        why.append("for MatMul/Gemm models use --nm 2:4" + ("" if opts.ffn_ratio else " or --ffn-ratio R"))
+    if opts.ffn_ratio:
+        why.append("no feed-forward block whose neurons can be removed (MatMul -> element-wise -> MatMul with "
+                   "constant weights, read by nothing else), or --ffn-ratio keeps them all")
     return ", ".join(why) or "GKP and N:M are both off"
 
 

@@ -277,17 +277,18 @@ def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, inp
         if np.array_equal(perm, np.arange(channels)):
             continue
         for consumer, axis in region.consumers:
-            _take(initializers[consumer.input[1]], perm, axis)
+            take_channels(initializers[consumer.input[1]], perm, axis)
             if consumer.name in input_norms:
                 input_norms[consumer.name] = input_norms[consumer.name][perm]
             done.add(consumer.name)
         for source, axis in region.sources:
-            _take(initializers[source.input[1]], perm, axis)
+            take_channels(initializers[source.input[1]], perm, axis)
             orders[source.name] = perm
         for name in region.constants:
-            _take(initializers[name], perm, -1)
+            take_channels(initializers[name], perm, -1)
     return done, orders
 
 
-def _take(init: onnx.TensorProto, perm: np.ndarray, axis: int) -> None:
-    init.CopyFrom(numpy_helper.from_array(np.take(numpy_helper.to_array(init), perm, axis=axis), init.name))
+def take_channels(init: onnx.TensorProto, index: np.ndarray, axis: int) -> None:
+    """Replace the initializer by its slices `index` along `axis` (a reordering, or a subset)."""
+    init.CopyFrom(numpy_helper.from_array(np.take(numpy_helper.to_array(init), index, axis=axis), init.name))

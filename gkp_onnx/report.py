@@ -36,6 +36,7 @@ class Report:
     latency: list | None = None  # bench.Timing rows: input vs optimized
     reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
     input_notes: list[str] = field(default_factory=list)  # what loading changed or assumed (canonical form, shapes)
+    neurons: list[dict] = field(default_factory=list)  # prune_neurons: per feed-forward block, neurons and kept
 
     @property
     def passed(self) -> bool:
@@ -85,6 +86,7 @@ class Report:
                 "pattern": f"{self.nm.n}:{self.nm.m}", "layers": [asdict(layer) for layer in self.nm.layers],
                 "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
                 "eligible_mac_share": self.nm.eligible_mac_share, "budget": self.nm.budget, "note": NM_NOTE},
+            "neurons": self.neurons,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -116,6 +118,11 @@ class Report:
                              f"fan-out(s) read block by block, no Gather")
         for skipped in self.plan.skipped:
             lines.append(f"skipped {skipped.node}: {skipped.reason}")
+        if self.neurons:
+            kept = sorted({(block["kept"], block["neurons"]) for block in self.neurons})
+            verb = "blocks keep" if len(self.neurons) > 1 else "block keeps"
+            lines.append(f"feed-forward neurons: {len(self.neurons)} {verb} "
+                         + ", ".join(f"{k} of {n}" for k, n in kept) + " (--ffn-ratio)")
         if self.nm is not None:
             lines += self._nm_table()
         lines += ["", f"{'':<12} {'before':>12} {'after':>12} {'after/before':>13}"]

@@ -211,7 +211,7 @@ class ReconstructNm(Pass):
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
                  output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3,
-                 method: str = "refit", nm: tuple[int, int] = (2, 4)):
+                 method: str = "refit", nm: tuple[int, int] = (2, 4), intercept: bool = False):
         require_torch("reconstruction (--reconstruct)")
         if method not in ("refit", "sparsegpt"):  # per-column least squares on the mask given / SparseGPT
             raise ValueError(f"unknown N:M update {method!r}")
@@ -222,6 +222,7 @@ class ReconstructNm(Pass):
         self.ridge = ridge
         self.method = method
         self.n, self.m = nm
+        self.intercept = intercept  # also refit the layer's output bias (MatMul + Add, Gemm C) when it has one
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         errors = {}  # layer -> (output MSE before, after)
@@ -235,15 +236,18 @@ class ReconstructNm(Pass):
             view = _linear_view(node, initializers)
             reference = original_nodes.get(name)
             reference_view = _linear_view(reference, original_weights) if reference is not None else None
-            if view is None or reference_view is None or reference_view[1].shape != view[1].shape:
-                continue
+            if view is None or reference_view is None or reference_view[1].shape[1] != view[1].shape[1]:
+                continue  # (the inputs may differ: prune_neurons removes rows of the weight)
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding)
-            errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]])
+            bias = _output_bias(model, node, initializers) if self.intercept else None
+            errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]],
+                                       initializers.get(bias))
         return PassResult(model, plan, modified=bool(errors), details={"reconstruction": errors})
 
-    def _refit(self, node, view, reference_view, pairs, init) -> tuple[float, float]:
+    def _refit(self, node, view, reference_view, pairs, init, bias=None) -> tuple[float, float]:
         """`pairs`: per batch, (the layer's input in the sparse model, in the original). Returns
-        the layer's output MSE before and after."""
+        the layer's output MSE before and after. `bias`: the output bias, refit too when the weight
+        is dense (an intercept: what removed inputs added on average)."""
         import torch
 
         features, weight, store = view
@@ -252,7 +256,7 @@ class ReconstructNm(Pass):
         target_weight = torch.from_numpy(reference_weight[:, order].astype(np.float32))
         dim = weight.shape[0]
         gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
-        samples = 0
+        samples, row_sum, target_sum = 0, np.zeros(dim), np.zeros(weight.shape[1])
         for x, x_original, padding in pairs:
             rows = features(x)
             target = reference_features(x_original) @ target_weight
@@ -263,9 +267,15 @@ class ReconstructNm(Pass):
             gram += (rows.T @ rows).double().numpy()
             cross += (rows.T @ target).double().numpy()
             energy += (target.double() ** 2).sum(0).numpy()
+            row_sum += rows.double().sum(0).numpy()
+            target_sum += target.double().sum(0).numpy()
         if samples == 0:  # the data is all padding: nothing to fit to, the weights stay as they are
             return 0.0, 0.0
-        if self.method == "sparsegpt" and node.op_type != "Conv":
+        if bias is not None and (weight != 0).all():
+            new, shift, before, after = self._refit_affine(weight, gram, cross, energy, samples, row_sum, target_sum)
+            values = numpy_helper.to_array(bias)
+            bias.CopyFrom(numpy_helper.from_array((values + shift.reshape(values.shape)).astype(values.dtype), bias.name))
+        elif self.method == "sparsegpt" and node.op_type != "Conv":
             new, before, after = self._sparsegpt(weight, gram, cross, energy)
         else:
             new, before, after = self._refit_columns(weight, gram, cross, energy)
@@ -281,10 +291,16 @@ class ReconstructNm(Pass):
         import torch
 
         kept = weight != 0
-        candidate = weight.copy()
+        if kept.all():  # a dense weight (prune_neurons): one solve for every column
+            lam = self.ridge * np.trace(gram) / len(gram)
+            with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
+                candidate = np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+            kept = np.zeros_like(kept)  # nothing left to solve column by column
+        else:
+            candidate = weight.copy()
         counts = kept.sum(0)
         gram32, cross32 = torch.from_numpy(gram.astype(np.float32)), torch.from_numpy(cross.astype(np.float32))
-        for count in map(int, np.unique(counts)):
+        for count in map(int, np.unique(counts[counts > 0])):
             columns = np.flatnonzero(counts == count)
             for chunk in np.array_split(columns, max(1, len(columns) * count ** 2 // 2 ** 24)):
                 index = np.nonzero(kept[:, chunk].T)[1].reshape(len(chunk), count)  # [b, k] kept rows
@@ -302,6 +318,23 @@ class ReconstructNm(Pass):
         new = np.where(better[None, :], candidate, weight)
         return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
 
+    def _refit_affine(self, weight, gram, cross, energy, samples, row_sum, target_sum):
+        """A dense weight and an added bias b by least squares on centred data:
+        W = (Xc^T Xc + lam I)^-1 Xc^T Tc, b = mean(T) - mean(X) W. A column keeps them only when they
+        lower its error. Returns the weight, the bias shift and the summed errors before and after."""
+        mean_x, mean_t = row_sum / samples, target_sum / samples
+        centred = gram - samples * np.outer(mean_x, mean_x)
+        lam = self.ridge * np.trace(centred) / len(centred)
+        with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
+            fit = np.linalg.solve(centred + lam * np.eye(len(gram)), cross - samples * np.outer(mean_x, mean_t))
+        shift = mean_t - mean_x @ fit
+        err_old = _column_errors(weight, gram, cross, energy)
+        err_new = _column_errors(fit, gram, cross, energy) + samples * shift ** 2 \
+            + 2 * shift * (row_sum @ fit) - 2 * shift * target_sum
+        better = err_new < err_old
+        return (np.where(better[None, :], fit, weight), np.where(better, shift, 0.0), float(err_old.sum()),
+                float(np.where(better, err_new, err_old).sum()))
+
     def _sparsegpt(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
         """SparseGPT from the dense least-squares optimum W* = (G + lam I)^-1 C: since
         ||X W - T||^2 = ||X (W - W*)||^2 + const, pruning W* towards itself with G as the Hessian
@@ -315,6 +348,23 @@ class ReconstructNm(Pass):
         better = err_new < err_old
         new = np.where(better[None, :], candidate, weight)
         return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
+
+
+def _output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict) -> str | None:
+    """The initializer added to the layer's output, one value per output channel, read by nothing
+    else: Gemm's C, or the constant of the only Add reading a MatMul's output."""
+    readers = [n for n in model.graph.node if any(name in n.input for name in node.output)]
+    if node.op_type == "Gemm":
+        name = node.input[2] if len(node.input) > 2 and node_attr(node, "beta", 1.0) == 1.0 else ""
+    elif len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in {o.name for o in model.graph.output}:
+        name = next((n for n in readers[0].input if n != node.output[0]), "")
+    else:
+        return None
+    if name not in initializers or sum(name in n.input for n in model.graph.node) != 1:
+        return None
+    dims = list(initializers[name].dims)
+    width = initializers[node.input[1]].dims[0 if node.op_type == "Gemm" and node_attr(node, "transB", 0) else -1]
+    return name if dims and dims[-1] == width and int(np.prod(dims)) == width else None
 
 
 def _linear_view(node: onnx.NodeProto, initializers: dict):
