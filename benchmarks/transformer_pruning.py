@@ -1,6 +1,6 @@
 """Structured transformer pruning: feed-forward neurons removed (--ffn-ratio), speed and fidelity.
 
-    python benchmarks/transformers.py
+    python benchmarks/transformer_pruning.py
 
 The real all-MiniLM-L6-v2 (../shared/data/minilm-l6-v2): `optimize --ffn-ratio R --calib (256
 sentences) --reconstruct` for several R; the dense and pruned models timed side by side in one
@@ -23,21 +23,9 @@ import onnxruntime as ort
 
 from gkp_onnx import optimize
 from gkp_onnx.validate import make_session
+from nm_sparsity import MINILM, RESULTS, sentence_embeddings  # the same pooling as the N:M benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-MINILM = ROOT.parent / "shared" / "data" / "minilm-l6-v2"
-RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.25, 0.375, 0.5, 0.625)
-
-
-def embeddings(session: ort.InferenceSession, tokens: dict[str, np.ndarray]) -> np.ndarray:
-    pooled = []
-    for start in range(0, len(tokens["input_ids"]), 64):
-        feed = {name: value[start:start + 64] for name, value in tokens.items()}
-        hidden, mask = session.run(None, feed)[0], feed["attention_mask"][..., None]
-        pooled.append((hidden * mask).sum(1) / mask.sum(1))
-    pooled = np.concatenate(pooled)
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
 
 def latencies(sessions: list[ort.InferenceSession], batch: int, rounds: int) -> list[float]:
@@ -65,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "calib.npz", **{k: v[:256] for k, v in tokens.items()})
         dense = make_session(str(model), spinning=False)  # idle threads must not steal the other sessions' cores
-        reference = embeddings(dense, held_out)
+        reference = sentence_embeddings(str(model), held_out)
         neighbours = np.argsort(-(reference @ reference.T), 1)[:, 1]
         pruned = {}
         for ratio in RATIOS:
@@ -74,7 +62,7 @@ def main() -> None:
                                    reconstruct=True, validate=False)
             seconds = time.perf_counter() - start
             session = make_session(out, spinning=False)
-            pooled = embeddings(session, held_out)
+            pooled = sentence_embeddings(out, held_out)
             cosine = (pooled * reference).sum(1)
             pruned[ratio] = session
             rows.append({"ffn_ratio": ratio, "kept": report.neurons[0]["kept"], "neurons": report.neurons[0]["neurons"],
