@@ -64,6 +64,17 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GKP_ONNX_CACHE", str(tmp_path_factory.getbasetemp() / "gkp-onnx-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_where_the_tests_run():
+    """No command may leave files in the folder it runs in (a library that dumps its model into the
+    working directory once did): the repository root and the working directory stay as they were."""
+    folders = {Path.cwd(), Path(__file__).resolve().parents[1]}
+    before = {folder: set(folder.iterdir()) for folder in folders}
+    yield
+    stray = sorted(str(p) for folder in folders for p in set(folder.iterdir()) - before[folder])
+    assert not stray, f"files left where the tests ran: {stray}"
+
+
 @pytest.fixture(autouse=True)
 def nchwc_target(monkeypatch):
     """Tests target no NCHWc block (no channel rounding, no padding in the cost model), whatever
