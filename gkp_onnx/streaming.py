@@ -8,8 +8,8 @@ unchanged but for where each weight lives.
 
 `gkp-onnx optimize` takes this path (`streams`) when the input's external data is at least
 STREAM_BYTES and the options ask for nothing that needs the whole model: N:M by weight magnitude
-(no calibration data, refit, fidelity thresholds or latency measurement) and no Conv for GKP to
-prune. The channel permutation search is not run (it edits two layers' weights together), and the
+(no calibration data, refit, fidelity thresholds, --ffn-ratio or latency measurement) and no Conv
+for GKP to prune. The channel permutation search is not run (it edits two layers' weights together), and the
 output is checked with onnx.checker, not run: the report says both.
 """
 
@@ -45,7 +45,7 @@ def external_bytes(model: onnx.ModelProto) -> int:
 
 def streams(model: onnx.ModelProto, opts: OptimizeOptions) -> bool:
     """Whether `optimize` streams this model (loaded without its data) with these options."""
-    whole = (opts.calib or opts.reconstruct or opts.nm_method != "wanda" or opts.plan
+    whole = (opts.calib or opts.reconstruct or opts.nm_method != "wanda" or opts.plan or opts.ffn_ratio
              or opts.bench_batches or opts.thresholds.min_cosine is not None
              or opts.thresholds.max_abs_diff is not None or opts.thresholds.min_top1_agreement is not None)
     has_conv = any(node.op_type == "Conv" for node in model.graph.node)

@@ -83,7 +83,7 @@ def test_only_options_that_need_one_weight_at_a_time_stream(llama):
     streaming_bytes, streaming.STREAM_BYTES = streaming.STREAM_BYTES, 1
     try:
         assert streaming.streams(model, OptimizeOptions(**big))
-        for extra in (dict(calib="data.npz"), dict(bench_batches=[1]), dict(plan="plan.json")):
+        for extra in (dict(calib="data.npz"), dict(bench_batches=[1]), dict(plan="plan.json"), dict(ffn_ratio=0.5)):
             assert not streaming.streams(model, OptimizeOptions(**big, **extra))
         assert not streaming.streams(model, OptimizeOptions())  # no --nm: nothing to stream
     finally:
