@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from gkp_onnx import optimize
 from gkp_onnx.validate import make_session
-from nm_sparsity import MINILM, RESULTS, sentence_embeddings  # the same pooling as the N:M benchmark
+from nm_sparsity import LLAMA, MINILM, RESULTS, SEQ, generate, next_token_metrics, sentence_embeddings
 
 RATIOS = (0.25, 0.375, 0.5, 0.625)
 
@@ -41,6 +41,38 @@ def latencies(sessions: list[ort.InferenceSession], batch: int, rounds: int) -> 
             session.run(None, feed)
             kept.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+def tiny_llama() -> list[dict]:
+    """The tiny Llama at several --ffn-ratio: next-token top-1 agreement and perplexity on text the
+    dense model generated, calibration on other such text."""
+    model = LLAMA / "aidreams260K_derived.onnx"
+    if not model.exists():
+        return []
+    dense = make_session(str(model), spinning=False)
+    evaluation = np.array([generate(dense, t) for t in (100, 200, 300, 400)])
+    calibration = np.array([generate(dense, t) for t in (150, 250, 350, 450)])
+    dense_logits = dense.run(None, {"input_ids": evaluation})[0]
+    rows, sessions = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "calib.npz", input_ids=calibration)
+        for ratio in (0.25, 0.5):
+            out, report = optimize(str(model), gkp=False, ffn_ratio=ratio, calib=str(Path(tmp) / "calib.npz"),
+                                   reconstruct=True, validate=False, input_shapes={"input_ids": [1, SEQ]})
+            session = make_session(out, spinning=False)
+            sessions.append(session)
+            rows.append({"ffn_ratio": ratio, "macs": report.after.macs / report.before.macs,
+                         "evaluation_tokens": int(evaluation.size),
+                         **next_token_metrics(session, evaluation, dense_logits)})
+    times = [[] for _ in range(len(sessions) + 1)]
+    for _ in range(50):
+        for session, kept in zip([dense] + sessions, times):
+            start = time.perf_counter()
+            session.run(None, {"input_ids": evaluation})
+            kept.append(time.perf_counter() - start)
+    for row, measured in zip(rows, times[1:]):
+        row["speedup"] = float(np.median(times[0]) / np.median(measured))
+    return rows
 
 
 def main() -> None:
@@ -75,6 +107,7 @@ def main() -> None:
             for row, seconds in zip(rows, times[1:]):
                 row[f"speedup_b{batch}"] = times[0] / seconds
                 row[f"dense_ms_b{batch}"] = 1e3 * times[0]
+    llama = tiny_llama()
     lines = ["# Transformers: feed-forward neurons removed (all-MiniLM-L6-v2)", "",
              "`optimize --ffn-ratio R --calib` (256 sentences) `--reconstruct`; onnxruntime CPU, 2 threads, interleaved "
              "medians; pooled-embedding fidelity on 512 held-out sentences.", "",
@@ -85,9 +118,18 @@ def main() -> None:
                      f"{r['speedup_b32']:.2f}x | {r['cosine_mean']:.4f} | {r['cosine_worst']:.4f} | "
                      f"{100 * r['neighbour_agreement']:.1f}% | {r['optimize_seconds']:.0f} |")
     lines += ["", f"Dense: {rows[0]['dense_ms_b1']:.1f} ms at 1x128, {rows[0]['dense_ms_b32']:.0f} ms at 32x128."]
+    if llama:
+        lines += ["", "## The tiny Llama (real weights, SwiGLU): next-token agreement with the dense model", "",
+                  f"Calibration and evaluation: {llama[0]['evaluation_tokens']} tokens each of different greedy "
+                  f"continuations; `--calib --reconstruct`.", "",
+                  "| --ffn-ratio | MACs | top-1 agreement | perplexity on dense text | speed-up 4x{SEQ} |".replace(
+                      "{SEQ}", str(SEQ)), "|---|---|---|---|---|"]
+        for r in llama:
+            lines.append(f"| {r['ffn_ratio']} | x{r['macs']:.3f} | {100 * r['top1_agreement']:.1f}% | "
+                         f"{r['perplexity']:.3f} | {r['speedup']:.2f}x |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transformers.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "transformers.json").write_text(json.dumps({"minilm": rows, "tiny_llama": llama}, indent=1))
     (RESULTS / "transformers.md").write_text(text)
     print(text)
 
