@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from gkp_onnx.cache import cache_dir
@@ -89,8 +90,9 @@ def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
-    """Prune every eligible Conv with Grouped Kernel Pruning (and, with nm="2:4", sparsify
-    MatMul/Gemm weights N:M); return the new model and its report.
+    """Prune every eligible Conv with Grouped Kernel Pruning (with ffn_ratio=R, remove transformer
+    feed-forward neurons; with nm="2:4", sparsify MatMul/Gemm weights N:M); return the new model
+    and its report.
 
     `model` is never modified. Keyword options are the fields of `OptimizeOptions`
     (ratio, groups, method, exclude, seed, calib, nm, ...).
@@ -133,7 +135,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     if opts.nm:
         start = time.perf_counter()
         budget = (given, check, model_stats(optimized, specs).node_macs) if _nm_budget(opts) else None
-        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working, budget)
+        optimized, nm_result = _nm_sparsity(optimized, opts, patterns, data, working, budget,
+                                            details.get("neuron_orders"))
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers) and not details.get("neurons") \
             and (opts.ratio > 0 or opts.nm or opts.ffn_ratio):
@@ -143,12 +146,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         start = time.perf_counter()
 
         def rebuild(reverted: Plan) -> onnx.ModelProto:
+            nonlocal nm_result
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
             if opts.ffn_ratio:
                 rebuilt = _prune_neurons(rebuilt, opts, patterns, data, working, details)
-            if opts.nm:
-                rebuilt, _ = _nm_sparsity(rebuilt, opts, patterns, data, working, budget)
+            if opts.nm:  # the report describes the model returned: the N:M result of this build
+                rebuilt, nm_result = _nm_sparsity(rebuilt, opts, patterns, data, working, budget,
+                                                  details.get("neuron_orders"))
             return rebuilt
 
         optimized, latency = never_slower(given, optimized, plan, opts, rebuild)
@@ -215,11 +220,12 @@ def _prune_neurons(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list
     found: dict = {}
     plan = Plan(ratio=0.0, method="neurons", seed=opts.seed)
     model, _ = run_passes([PruneNeurons(opts.ffn_ratio, patterns, rms)], model, plan, found, keep=True)
-    details["neurons"] = found["neurons"]
+    details["neurons"], details["neuron_orders"] = found["neurons"], found["output_orders"]
     if opts.reconstruct and found["neurons"]:
         layers = [name for region in found["neurons"] for name in region["consumers"]]
         model, _ = run_passes([ReconstructNm(original, data, layers, intercept=True)], model, plan, found)
-        details.setdefault("reconstruction", {}).update(found["reconstruction"])
+        details.setdefault("reconstruction", {}).update(
+            {f"{name} (neurons)": errors for name, errors in found["reconstruction"].items()})
     return model
 
 
@@ -230,10 +236,12 @@ def _nm_budget(opts: OptimizeOptions) -> bool:
 
 def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
                  data: Dataset | None, original: onnx.ModelProto,
-                 budget: tuple[onnx.ModelProto, Dataset, dict] | None = None) -> tuple[onnx.ModelProto, NmResult]:
+                 budget: tuple[onnx.ModelProto, Dataset, dict] | None = None,
+                 kept_columns: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, NmResult]:
     """N:M sparsity [-> refit of the kept weights towards `original`'s layer outputs] [-> the layers
     the fidelity budget cannot afford put back dense; `budget`: (the reference model, the data
-    fidelity is measured on, MACs per node)]."""
+    fidelity is measured on, MACs per node)]. `kept_columns`: per MatMul/Gemm prune_neurons
+    narrowed, the original output columns it kept."""
     n, m = parse_nm(opts.nm)
     ops = NM_OPS + (("Conv",) if opts.nm_conv else ())
     norms = {}
@@ -249,9 +257,13 @@ def _nm_sparsity(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[r
     model, _ = run_passes([sparsify], model, plan, details, keep=True)  # `model` may still be the reference
     result = details["nm"]
 
+    orders = dict(kept_columns or {})  # a layer's output column k is the original's column orders[k]
+    for name, perm in details["output_orders"].items():
+        orders[name] = orders[name][perm] if name in orders else perm
+
     def refit(model: onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict]:
         found: dict = {}
-        model, _ = run_passes([ReconstructNm(original, data, layers, details["output_orders"], nm=(n, m),
+        model, _ = run_passes([ReconstructNm(original, data, layers, orders, nm=(n, m),
                                              method="sparsegpt" if opts.nm_method == "sparsegpt" else "refit")],
                               model, plan, found)
         return model, found["reconstruction"]

@@ -56,10 +56,16 @@ def streaming_writer(source: str | os.PathLike, **options):
     """When `optimize` would stream the model at `source` with these options: a function that
     writes the optimized model to a path (and its data beside it) and returns the report; else None."""
     opts = OptimizeOptions(**options)
-    patterns = opts.checked()
-    model = load_graph(source)
+    if not opts.nm:
+        return None
+    try:  # a quick look, without the weights; what is wrong with the file the chosen path reports
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception:  # protobuf and file errors: the in-memory path names them
+        return None
     if not streams(model, opts):
         return None
+    patterns = opts.checked()
+    model = load_graph(source)  # checked
     return lambda output: optimize_streaming(source, model, Path(output), opts, patterns)
 
 

@@ -82,10 +82,10 @@ def random_dataset(specs: list[InputSpec], seed: int = 0, batch: int | None = No
             raise GkpError(f"a random input '{spec.name}' of shape {shape} would have {math.prod(shape)} elements, "
                            f"more than the {MAX_ELEMENTS} (2**28) gkp-onnx makes; give data (--calib, --data) or "
                            f"smaller --input-shape dims")
-        if spec.dtype.kind == "f":
-            inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.name == PADDING_INPUT:  # a padding mask: every position a token
+        if spec.name == PADDING_INPUT:  # a padding mask: every position a token
             inputs[spec.name] = np.ones(shape, spec.dtype)
+        elif spec.dtype.kind == "f":
+            inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
             high = min(spec.upper, 8) if spec.upper else 8  # indices stay inside the table they index
             inputs[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
@@ -212,7 +212,7 @@ def _feed(session: ort.InferenceSession, data: Dataset, rows: np.ndarray, cut: b
     feed = {name: array[rows] for name, array in data.inputs.items()}
     sequence = sequence_axis(session) if cut else None
     if sequence is not None:
-        end = int(_last_token(feed[PADDING_INPUT]).max()) + 1
+        end = max(1, int(_last_token(feed[PADDING_INPUT]).max()) + 1)
         for value in session.get_inputs():
             if len(value.shape) >= 2 and value.shape[1] == sequence:
                 feed[value.name] = feed[value.name][:, :end]
@@ -222,7 +222,7 @@ def _feed(session: ort.InferenceSession, data: Dataset, rows: np.ndarray, cut: b
 def _last_token(padding: np.ndarray) -> np.ndarray:
     """Per sample, the position of its last token (-1 for none)."""
     tokens = padding.reshape(len(padding), -1) != 0
-    return tokens.shape[1] - 1 - np.argmax(tokens[:, ::-1], axis=1) - (~tokens.any(axis=1))
+    return np.where(tokens.any(axis=1), tokens.shape[1] - 1 - np.argmax(tokens[:, ::-1], axis=1), -1)
 
 
 def sequence_axis(session: ort.InferenceSession) -> str | None:

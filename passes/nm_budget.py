@@ -60,8 +60,11 @@ class NmBudget(Pass):
         sparse = {layer.weight: numpy_helper.to_array(initializers[layer.weight]) for layer in layers}
         session = make_session(initializers_as_inputs(model, sparse))
         names = [o.name for o in session.get_outputs()]
-        sample = Dataset({k: v[:SENSITIVITY_SAMPLES] for k, v in self.data.inputs.items()}, source=self.data.source)
-        sample_reference = [out[:SENSITIVITY_SAMPLES] for out in self.reference]
+        fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+        step = fixed if isinstance(fixed, int) and fixed > 0 else 1  # a fixed batch takes whole batches
+        count = max(step, SENSITIVITY_SAMPLES // step * step)
+        sample = Dataset({k: v[:count] for k, v in self.data.inputs.items()}, source=self.data.source)
+        sample_reference = [out[:count] for out in self.reference]
 
         def cosine(weights: dict[str, np.ndarray], data: Dataset = self.data, reference=self.reference) -> float:
             feed = {name: weights.get(name, self.dense[name]) for name in sparse}
@@ -101,7 +104,7 @@ class NmBudget(Pass):
             if refit_reached >= reached:
                 chosen, reached, errors = refit, refit_reached, refit_errors
             gain = (1 - refit_reached) / max(1 - prefixes[count], 1e-12)
-            if refit_reached >= budget and gain < 1:
+            if refit_reached >= budget and 0 < gain < 1:
                 longer = longest(1 - (1 - budget) / gain, count)
                 for _ in range(EXTENSION_REFITS):  # the estimate is an upper end: halve towards `count` on a miss
                     if longer <= count:

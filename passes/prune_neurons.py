@@ -17,6 +17,7 @@ consumers' weights are refit to the dense model's outputs (reconstruct_nm, dense
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -41,7 +42,7 @@ class PruneNeurons(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         regions = ffn_regions(model, self.exclude)
         initializers = initializer_map(model.graph)
-        pruned = []
+        pruned, orders = [], {}  # orders: per source MatMul/Gemm, the original output channels it keeps
         for tensor, region in regions:
             width = initializers[region.consumers[0][0].input[1]].dims[region.consumers[0][1]]
             keep = kept_neurons(width, self.ratio)
@@ -68,7 +69,8 @@ class PruneNeurons(Pass):
                 if value.name in stale:
                     model.graph.value_info.remove(value)
             pruned.append({"consumers": [c.name for c, _ in region.consumers], "neurons": width, "kept": keep})
-        return PassResult(model, plan, modified=bool(pruned), details={"neurons": pruned})
+            orders.update({source.name: kept for source, _ in region.sources})
+        return PassResult(model, plan, modified=bool(pruned), details={"neurons": pruned, "output_orders": orders})
 
 
 def ffn_regions(model: onnx.ModelProto, exclude=()) -> list:
@@ -86,14 +88,15 @@ def ffn_regions(model: onnx.ModelProto, exclude=()) -> list:
         region = find_region(model, node.input[0], weight.dims[reduction_axis(node, len(weight.dims))])
         if region is None or any(p.search(c.name) for c, _ in region.consumers for p in exclude):
             continue
-        seen.add(node.input[0])
+        seen.update(region.tensors)  # a block reaches its consumers through several tensors: prune it once
         found.append((node.input[0], region))
     return found
 
 
 def kept_neurons(width: int, ratio: float) -> int:
-    """Neurons kept of `width` at `ratio`: a multiple of ROUND_TO (all of them when that is not less)."""
-    keep = int(round((1 - ratio) * width / ROUND_TO)) * ROUND_TO
+    """Neurons kept of `width` at `ratio`: (1 - ratio) * width rounded up to a multiple of ROUND_TO
+    (all of them when that is not less)."""
+    keep = math.ceil(round((1 - ratio) * width / ROUND_TO, 9)) * ROUND_TO
     return min(width, max(ROUND_TO, keep))
 
 

@@ -197,11 +197,13 @@ class ReconstructNm(Pass):
     For each sparsified layer, in topological order, with its linear part seen as rows @ W
     (MatMul: the input's last axis; Gemm: alpha * B, transposed when transB; Conv: im2col patches
     and a block-diagonal W for groups), X' = its input in the sparse-so-far model and
-    T = X @ W_original from the original model (columns in the order nm_permutation left).
-    Column j keeps its non-zero set S_j (the N:M pattern is unchanged) and gets
-    argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only when it lowers that column's error.
-    Biases are not refit. Layers whose weight is not a plain initializer (Transpose / Cast /
-    DequantizeLinear on the way, batched MatMul weights) are left as masked. With method
+    T = X @ W_original from the original model (columns in the order nm_permutation left, and only
+    those prune_neurons kept: `output_orders`). Column j keeps its non-zero set S_j (the N:M pattern
+    is unchanged) and gets argmin ||X'[:, S_j] w - T[:, j]||^2 + lam ||w||^2, kept only when it
+    lowers that column's error. Biases are not refit, except with `intercept` (prune_neurons' dense
+    down-projections): the output bias then absorbs the mean the removed inputs contributed. Layers
+    whose weight is not a plain initializer (Transpose / Cast / DequantizeLinear on the way, batched
+    MatMul weights) are left as masked. With method
     "sparsegpt" a MatMul/Gemm's mask is chosen anew with the weights (gkp_onnx.nm.sparsegpt_nm).
     Rows at padding positions (PADDING_INPUT is 0) are left out of a MatMul's Gram matrices.
     """
@@ -236,8 +238,11 @@ class ReconstructNm(Pass):
             view = _linear_view(node, initializers)
             reference = original_nodes.get(name)
             reference_view = _linear_view(reference, original_weights) if reference is not None else None
-            if view is None or reference_view is None or reference_view[1].shape[1] != view[1].shape[1]:
-                continue  # (the inputs may differ: prune_neurons removes rows of the weight)
+            if view is None or reference_view is None:
+                continue
+            order = self.output_orders.get(name)  # prune_neurons may have removed columns, or rows (the inputs)
+            if (len(order) if order is not None else reference_view[1].shape[1]) != view[1].shape[1]:
+                continue
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding)
             bias = _output_bias(model, node, initializers) if self.intercept else None
             errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]],
@@ -271,7 +276,7 @@ class ReconstructNm(Pass):
             target_sum += target.double().sum(0).numpy()
         if samples == 0:  # the data is all padding: nothing to fit to, the weights stay as they are
             return 0.0, 0.0
-        if bias is not None and (weight != 0).all():
+        if bias is not None:  # (an intercept is asked for dense weights only: prune_neurons)
             new, shift, before, after = self._refit_affine(weight, gram, cross, energy, samples, row_sum, target_sum)
             values = numpy_helper.to_array(bias)
             bias.CopyFrom(numpy_helper.from_array((values + shift.reshape(values.shape)).astype(values.dtype), bias.name))

@@ -141,3 +141,26 @@ def test_the_refit_intercept_goes_into_the_bias_and_lowers_the_error():
         assert (np.abs(bias).max() > 0) == intercept
         errors[intercept] = float(np.mean((run(refit, {"x": x})[0] - run(model, {"x": x})[0]) ** 2))
     assert errors[True] < errors[False]
+
+
+def test_a_block_reaching_two_consumers_through_two_tensors_is_pruned_once(tmp_path):
+    model = ffn("gelu")
+    rng = np.random.default_rng(4)
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(2.0), "two"),
+                                    numpy_helper.from_array(rng.standard_normal((F, D)).astype(np.float32), "w_side")])
+    model.graph.node.extend([helper.make_node("Mul", ["a", "two"], ["a2"], name="double"),
+                             helper.make_node("MatMul", ["a2", "w_side"], ["side"], name="side_down"),
+                             helper.make_node("Add", ["y", "side"], ["y2"], name="sum")])
+    model.graph.output[0].name = "y2"
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8, D)).astype(np.float32))
+    pruned, report = optimize(model, gkp=False, ffn_ratio=0.5, calib=str(tmp_path / "calib.npz"))
+    assert report.neurons == [{"consumers": ["down", "side_down"], "neurons": F, "kept": F // 2}]
+    assert weights(pruned)["w_up"].shape == (D, F // 2)
+
+
+def test_n_m_after_neuron_pruning_refits_the_narrowed_projections_too(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((32, 8, D)).astype(np.float32))
+    _, report = optimize(ffn("swiglu"), gkp=False, ffn_ratio=0.5, nm="2:4", calib=str(tmp_path / "calib.npz"),
+                         reconstruct=True, nm_permute=True)
+    assert {"up", "gate", "down", "down (neurons)"} <= set(report.reconstruction)
+    assert all(after <= before for before, after in report.reconstruction.values())

@@ -156,3 +156,10 @@ def test_a_random_padding_mask_marks_every_position_a_token():
     data = random_dataset(specs, seed=0, batch=4)
     assert data.inputs["attention_mask"].shape == (4, 12) and (data.inputs["attention_mask"] == 1).all()
     assert data.inputs["ids"].max() < 50  # the embedding table's rows
+
+
+def test_samples_without_a_token_sort_first_and_cut_nothing_else():
+    from gkp_onnx.validate import _last_token
+
+    mask = np.array([[0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert _last_token(mask).tolist() == [-1, 1, 0, 3]

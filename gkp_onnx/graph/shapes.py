@@ -114,7 +114,8 @@ def assumed_note(spec: InputSpec) -> str:
 
 
 def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, list[int]]:
-    """Static shape of every tensor onnx can infer, for the given concrete inputs."""
+    """Static shape of every tensor onnx can infer for the given concrete inputs (and, where it
+    leaves a Conv/Gemm/MatMul without one, what onnxruntime's symbolic shape inference finds)."""
     skeleton = _skeleton(model)
     del skeleton.graph.value_info[:]
     by_name = {s.name: s for s in specs}
