@@ -3,8 +3,8 @@ report) and `build_pipeline`, which builds the passes from the options.
 
     load -> shortcut_convs -> analyze [-> partition_streams] -> cluster -> choose_groups
          -> select_kernels -> permute_streams -> rewrite_conv [-> reconstruct] -> fold_gathers
-         [-> prune_neurons [-> reconstruct_nm]] -> nm_sparsify [-> reconstruct_nm] [-> nm_budget] -> check (onnx.checker + shape inference)
-         -> validate (onnxruntime) -> report
+         [-> prune_neurons [-> reconstruct_nm]] -> nm_sparsify [-> reconstruct_nm] [-> nm_budget]
+         -> check (onnx.checker + shape inference) -> validate (onnxruntime) -> report
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """prune_neurons: remove feed-forward neurons of transformers (--ffn-ratio R): a smaller dense model.
 
-Before                                             After
-    x ──MatMul(W1 [D, F])──Add(b1)──act── h            x ──MatMul(W1[:, S])──Add(b1[S])──act── h_S
-    h ──MatMul(W2 [F, D])── y                          h_S ──MatMul(W2[S, :])── y'
+Before                                      After
+    x ──MatMul(W1 [D, F])──Add(b1)──act── h     x ──MatMul(W1[:, S])──Add(b1[S])──act── h_S
+    h ──MatMul(W2 [F, D])── y                   h_S ──MatMul(W2[S, :])── y'
 
 The regions are those the N:M permutation reorders (gkp_onnx.nm_permutation.find_region): hidden
 channels written by MatMul/Gemm with constant weights (with their biases), carried through

@@ -289,20 +289,24 @@ class ReconstructNm(Pass):
 
     def _refit_columns(self, weight, gram, cross, energy) -> tuple[np.ndarray, float, float]:
         """Each column's kept weights refit by least squares; a column keeps the fit only when it lowers
-        its error. Returns the new weight and the summed squared errors before and after.
+        its error. Returns the new weight and the summed squared errors before and after."""
+        kept = weight != 0
+        if kept.all():  # a dense weight (prune_neurons' down-projections): one solve for every column
+            candidate = _ridge_solve(gram, cross, self.ridge)
+        else:
+            candidate = self._solve_columns(weight, kept, gram, cross)
+        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
+        better = err_new < err_old
+        new = np.where(better[None, :], candidate, weight)
+        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
 
-        Columns with as many kept weights go in batches: their sub-Gram matrices gathered at once and
-        solved by a float32 Cholesky factorisation; the errors that decide are float64."""
+    def _solve_columns(self, weight, kept, gram, cross) -> np.ndarray:
+        """Per column, the ridge least-squares fit of its kept weights. Columns with as many kept
+        weights go in batches: their sub-Gram matrices gathered at once and solved by a float32
+        Cholesky factorisation (a column whose factorisation fails keeps its weights)."""
         import torch
 
-        kept = weight != 0
-        if kept.all():  # a dense weight (prune_neurons): one solve for every column
-            lam = self.ridge * np.trace(gram) / len(gram)
-            with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
-                candidate = np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
-            kept = np.zeros_like(kept)  # nothing left to solve column by column
-        else:
-            candidate = weight.copy()
+        candidate = weight.copy()
         counts = kept.sum(0)
         gram32, cross32 = torch.from_numpy(gram.astype(np.float32)), torch.from_numpy(cross.astype(np.float32))
         for count in map(int, np.unique(counts[counts > 0])):
@@ -318,10 +322,7 @@ class ReconstructNm(Pass):
                 fit = fit.squeeze(-1).numpy()
                 solved = (failed.numpy() == 0) & np.isfinite(fit).all(1)
                 candidate[index[solved], chunk[solved, None]] = fit[solved]
-        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
-        better = err_new < err_old
-        new = np.where(better[None, :], candidate, weight)
-        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
+        return candidate
 
     def _refit_affine(self, weight, gram, cross, energy, samples, row_sum, target_sum):
         """A dense weight and an added bias b by least squares on centred data:
@@ -329,9 +330,7 @@ class ReconstructNm(Pass):
         lower its error. Returns the weight, the bias shift and the summed errors before and after."""
         mean_x, mean_t = row_sum / samples, target_sum / samples
         centred = gram - samples * np.outer(mean_x, mean_x)
-        lam = self.ridge * np.trace(centred) / len(centred)
-        with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
-            fit = np.linalg.solve(centred + lam * np.eye(len(gram)), cross - samples * np.outer(mean_x, mean_t))
+        fit = _ridge_solve(centred, cross - samples * np.outer(mean_x, mean_t), self.ridge)
         shift = mean_t - mean_x @ fit
         err_old = _column_errors(weight, gram, cross, energy)
         err_new = _column_errors(fit, gram, cross, energy) + samples * shift ** 2 \
@@ -345,9 +344,7 @@ class ReconstructNm(Pass):
         ||X W - T||^2 = ||X (W - W*)||^2 + const, pruning W* towards itself with G as the Hessian
         minimises the error to the target itself, mask included. A column keeps the result only when
         it beats the magnitude-masked weight it replaces."""
-        lam = self.ridge * np.trace(gram) / len(gram)
-        with threadpool_limits(1, user_api="blas"):  # bytes independent of the BLAS thread state
-            optimum = np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+        optimum = _ridge_solve(gram, cross, self.ridge)
         candidate = sparsegpt_nm(optimum, gram, self.n, self.m)
         err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
         better = err_new < err_old
@@ -403,6 +400,14 @@ def _linear_view(node: onnx.NodeProto, initializers: dict):
                                    for g in range(group)]).reshape(weight.shape)
         return features, dense, store
     return None
+
+
+def _ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
+    """(G + lam I)^-1 C with lam = ridge * mean(diag G), on one BLAS thread (the bytes must not
+    depend on the BLAS thread state)."""
+    lam = ridge * np.trace(gram) / len(gram)
+    with threadpool_limits(1, user_api="blas"):
+        return np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
 
 
 def _column_errors(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> np.ndarray:
