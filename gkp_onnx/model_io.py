@@ -28,17 +28,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and check an ONNX model (external data included); raise GkpError on bad input."""
-    path = Path(path)
-    if not path.exists():
-        raise GkpError(f"no such file: {path}")
-    if not path.is_file():
-        raise GkpError(f"not a file: {path}")
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
-        raise GkpError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from None
-    if not model.opset_import or not model.graph.node:
-        raise GkpError(f"not an ONNX model (no graph or opset): {path}")
+    model = _parse(Path(path), external_data=True)
     check_model(model, what=str(path))
     check_tensor_sizes(model, what=str(path))
     return model
@@ -46,16 +36,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and check an ONNX model without its external data (the tensors keep their references)."""
-    path = Path(path)
+    model = _parse(Path(path), external_data=False)
+    check_model_file(path)
+    return model
+
+
+def _parse(path: Path, external_data: bool) -> onnx.ModelProto:
+    if not path.exists():
+        raise GkpError(f"no such file: {path}")
     if not path.is_file():
-        raise GkpError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
+        raise GkpError(f"not a file: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        model = onnx.load(str(path), load_external_data=external_data)
+    except (DecodeError, RuntimeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
         raise GkpError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from None
     if not model.opset_import or not model.graph.node:
         raise GkpError(f"not an ONNX model (no graph or opset): {path}")
-    check_model_file(path)
     return model
 
 

@@ -242,7 +242,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
     return region if region.sources and region.consumers else None
 
 
-def _rows(weight: np.ndarray, axis: int) -> np.ndarray:
+def channel_rows(weight: np.ndarray, axis: int) -> np.ndarray:
     """[R, K] view of a weight with the reduction axis last."""
     moved = np.moveaxis(weight, axis, -1)
     return moved.reshape(-1, moved.shape[-1])
@@ -269,7 +269,7 @@ def permute_reduction_channels(model: onnx.ModelProto, refs, n: int, m: int, inp
             continue
         blocks = []
         for consumer, axis in region.consumers:
-            rows = np.abs(_rows(numpy_helper.to_array(initializers[consumer.input[1]]).astype(np.float64), axis))
+            rows = np.abs(channel_rows(numpy_helper.to_array(initializers[consumer.input[1]]).astype(np.float64), axis))
             norms = input_norms.get(consumer.name)
             blocks.append(rows * norms[None, :] if norms is not None else rows)
         budget = seconds * len(region.consumers)

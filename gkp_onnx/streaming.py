@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph import ModelStats, initializer_map, initializers_as_inputs, input_specs, model_stats
+from gkp_onnx.graph import initializer_map, input_specs, model_stats
 from gkp_onnx.model_io import check_model_file, load_graph
 from gkp_onnx.nm import (NM_OPS, NmLayer, NmResult, _dequantized, apply_mask, kept_share, mask_for, nm_candidates,
                          parse_nm, share_of_macs)
@@ -79,7 +79,7 @@ def optimize_streaming(source: str | os.PathLike, model: onnx.ModelProto, output
     refs, skipped = nm_candidates(model, n, m, NM_OPS + (("Conv",) if opts.nm_conv else ()), patterns,
                                   opts.nm_include_head)
     result = NmResult(n, m, skipped=skipped)
-    stats = _stats(model, opts)
+    stats = model_stats(model, input_specs(model, opts.input_shapes))  # from dims: no data is read
     result.layers = stream_weights(model, base, output, refs, n, m)
     onnx.save_model(model, str(output))
     check_model_file(output)
@@ -170,13 +170,3 @@ def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
-
-
-def _stats(model: onnx.ModelProto, opts: OptimizeOptions) -> ModelStats:
-    """Parameters and MACs from the graph and the weights' dims (no data read)."""
-    specs = input_specs(model, opts.input_shapes)
-    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    stats = model_stats(initializers_as_inputs(model, external), specs)
-    stats.params = sum(int(np.prod(t.dims)) for t in model.graph.initializer
-                       if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
-    return stats

@@ -192,25 +192,27 @@ def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH
     padding mask over a dynamic sequence axis (`sequence_axis`) and `cut`, samples go shortest
     first and each feed is cut after its last token: the tokens' values are the same, the work a
     fraction of it."""
-    for rows in _batch_rows(session, data, batch, cut):
-        yield _feed(session, data, rows, cut)
+    sequence = sequence_axis(session) if cut else None
+    for rows in _batch_rows(session, data, batch, sequence):
+        yield _feed(session, data, rows, sequence)
 
 
-def _batch_rows(session: ort.InferenceSession, data: Dataset, batch: int, cut: bool) -> list[np.ndarray]:
+def _batch_rows(session: ort.InferenceSession, data: Dataset, batch: int, sequence: str | None) -> list[np.ndarray]:
     fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
     if len(data) % step and step != batch:
         raise GkpError(f"the model's batch size is fixed at {step}; the data's {len(data)} samples "
                        f"are not a multiple of it")
     order = np.arange(len(data))
-    if cut and sequence_axis(session) is not None:
+    if sequence is not None:
         order = np.argsort(_last_token(data.inputs[PADDING_INPUT]), kind="stable")
     return [order[start:start + step] for start in range(0, len(data), step)]
 
 
-def _feed(session: ort.InferenceSession, data: Dataset, rows: np.ndarray, cut: bool) -> dict[str, np.ndarray]:
+def _feed(session: ort.InferenceSession, data: Dataset, rows: np.ndarray, sequence: str | None
+          ) -> dict[str, np.ndarray]:
+    """The samples `rows`, cut after their last token along the `sequence` axis (None: not cut)."""
     feed = {name: array[rows] for name, array in data.inputs.items()}
-    sequence = sequence_axis(session) if cut else None
     if sequence is not None:
         end = max(1, int(_last_token(feed[PADDING_INPUT]).max()) + 1)
         for value in session.get_inputs():
@@ -268,18 +270,19 @@ def run_model(session: ort.InferenceSession, data: Dataset, constants: dict[str,
     outputs back to the full length, zeros after each batch's last token); `constants`: inputs
     fed whole to every batch (e.g. weights)."""
     sequence = sequence_axis(session)
-    cut = sequence is not None and _reassembles(session)
-    groups = _batch_rows(session, data, RUN_BATCH, cut)
-    chunks = [run_session(session, _feed(session, data, rows, cut) | (constants or {})) for rows in groups]
+    if sequence is not None and not _reassembles(session):
+        sequence = None  # not cut
+    groups = _batch_rows(session, data, RUN_BATCH, sequence)
+    chunks = [run_session(session, _feed(session, data, rows, sequence) | (constants or {})) for rows in groups]
     outputs = []
     for i, value in enumerate(session.get_outputs()):
         parts = [chunk[i] for chunk in chunks]
-        if cut and len(value.shape) >= 2 and value.shape[1] == sequence:
+        if sequence is not None and len(value.shape) >= 2 and value.shape[1] == sequence:
             full = data.inputs[PADDING_INPUT].shape[1]
             parts = [np.pad(part, [(0, 0), (0, full - part.shape[1])] + [(0, 0)] * (part.ndim - 2))
                      for part in parts]
         merged = np.concatenate(parts)
-        if cut:
+        if sequence is not None:
             merged[np.concatenate(groups)] = merged.copy()
         outputs.append(merged)
     return outputs

@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.graph import initializer_map, reduction_axis
-from gkp_onnx.nm_permutation import find_region, take_channels
+from gkp_onnx.nm_permutation import channel_rows, find_region, take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 
@@ -93,15 +93,13 @@ def ffn_regions(model: onnx.ModelProto, exclude=()) -> list:
     return found
 
 
+def _norms(weight: np.ndarray, axis: int) -> np.ndarray:
+    """L2 norm of the weights of each channel along `axis`."""
+    return np.linalg.norm(channel_rows(weight.astype(np.float64), axis), axis=0)
+
+
 def kept_neurons(width: int, ratio: float) -> int:
     """Neurons kept of `width` at `ratio`: (1 - ratio) * width rounded up to a multiple of ROUND_TO
     (all of them when that is not less)."""
     keep = math.ceil(round((1 - ratio) * width / ROUND_TO, 9)) * ROUND_TO
     return min(width, max(ROUND_TO, keep))
-
-
-def _norms(weight: np.ndarray, axis: int) -> np.ndarray:
-    """L2 norm of each slice along `axis` (one per channel of that axis)."""
-    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
-    return np.linalg.norm(moved.reshape(moved.shape[0], -1), axis=1)
-

@@ -295,10 +295,7 @@ class ReconstructNm(Pass):
             candidate = _ridge_solve(gram, cross, self.ridge)
         else:
             candidate = self._solve_columns(weight, kept, gram, cross)
-        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
-        better = err_new < err_old
-        new = np.where(better[None, :], candidate, weight)
-        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
+        return _better_columns(weight, candidate, gram, cross, energy)
 
     def _solve_columns(self, weight, kept, gram, cross) -> np.ndarray:
         """Per column, the ridge least-squares fit of its kept weights. Columns with as many kept
@@ -345,11 +342,7 @@ class ReconstructNm(Pass):
         minimises the error to the target itself, mask included. A column keeps the result only when
         it beats the magnitude-masked weight it replaces."""
         optimum = _ridge_solve(gram, cross, self.ridge)
-        candidate = sparsegpt_nm(optimum, gram, self.n, self.m)
-        err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
-        better = err_new < err_old
-        new = np.where(better[None, :], candidate, weight)
-        return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
+        return _better_columns(weight, sparsegpt_nm(optimum, gram, self.n, self.m), gram, cross, energy)
 
 
 def _output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict) -> str | None:
@@ -408,6 +401,15 @@ def _ridge_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarra
     lam = ridge * np.trace(gram) / len(gram)
     with threadpool_limits(1, user_api="blas"):
         return np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+
+
+def _better_columns(weight, candidate, gram, cross, energy) -> tuple[np.ndarray, float, float]:
+    """Per column, the candidate where it lowers the error, else the weight as it was; the summed
+    squared errors before and after."""
+    err_old, err_new = _column_errors(weight, gram, cross, energy), _column_errors(candidate, gram, cross, energy)
+    better = err_new < err_old
+    new = np.where(better[None, :], candidate, weight)
+    return new, float(err_old.sum()), float(np.where(better, err_new, err_old).sum())
 
 
 def _column_errors(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, energy: np.ndarray) -> np.ndarray:

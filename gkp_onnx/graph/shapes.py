@@ -175,9 +175,12 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose big initializers are graph inputs of their dtype and dims: shape inference reads
-    only dims, and constant folding must not take a weight without its data for a constant."""
-    return initializers_as_inputs(model, [init.name for init in model.graph.initializer if len(init.raw_data) > 4096])
+    """A copy whose big initializers (and those in external data, maybe not loaded) are graph inputs
+    of their dtype and dims: shape inference reads only dims, and constant folding must not take a
+    weight without its data for a constant."""
+    external = onnx.TensorProto.EXTERNAL
+    return initializers_as_inputs(model, [init.name for init in model.graph.initializer
+                                          if len(init.raw_data) > 4096 or init.data_location == external])
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
