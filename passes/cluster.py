@@ -28,7 +28,6 @@ pick (`viable`), so they are never clustered.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -108,21 +107,21 @@ def cached_balanced_kmeans(filters: np.ndarray, group_count: int, seed: int, cac
         return balanced_kmeans(filters, group_count, seed)
     data = np.ascontiguousarray(filters)
     tag = f"{data.shape}|{data.dtype}|G{group_count}|seed{seed}|steps{BALANCED_LLOYD_STEPS}|sklearn{sklearn.__version__}"
-    path = cache / "clusters" / f"{hashlib.sha1(data.tobytes() + tag.encode()).hexdigest()}.npy"
+    # Raw little-endian int32 labels, not .npy: np.load parses its header with ast, and CPython 3.11's
+    # compile() can fail with "AST constructor recursion depth mismatch" when threads call it at once.
+    path = cache / "clusters" / f"{hashlib.sha1(data.tobytes() + tag.encode()).hexdigest()}.i32"
     try:
-        labels = np.load(path)
+        labels = np.frombuffer(path.read_bytes(), dtype="<i4")
         if labels.shape == (data.shape[0],) and (np.bincount(labels, minlength=group_count)
                                                  == data.shape[0] // group_count).all():
             return [np.flatnonzero(labels == g).tolist() for g in range(group_count)]
     except (OSError, ValueError):
         pass
     groups = balanced_kmeans(filters, group_count, seed)
-    labels = np.empty(data.shape[0], dtype=np.int32)
+    labels = np.empty(data.shape[0], dtype="<i4")
     for g, members in enumerate(groups):
         labels[members] = g
-    buffer = io.BytesIO()
-    np.save(buffer, labels)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, labels.tobytes())
     return groups
 
 

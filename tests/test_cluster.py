@@ -55,12 +55,12 @@ def test_clusterings_are_cached_and_reused(tmp_path, monkeypatch):
     filters = np.random.default_rng(0).standard_normal((32, 18)).astype(np.float32)
     first = cluster.cached_balanced_kmeans(filters, 4, 0, tmp_path)
     assert first == cluster.balanced_kmeans(filters, 4, 0)
-    assert len(list((tmp_path / "clusters").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "clusters").glob("*.i32"))) == 1
     monkeypatch.setattr(cluster, "balanced_kmeans", lambda *a: pytest.fail("not taken from the cache"))
     assert cluster.cached_balanced_kmeans(filters, 4, 0, tmp_path) == first
     with pytest.raises(pytest.fail.Exception):  # another G, seed or weight is another entry
         cluster.cached_balanced_kmeans(filters, 4, 1, tmp_path)
-    next((tmp_path / "clusters").glob("*.npy")).write_bytes(b"garbage")  # a damaged entry is recomputed
+    next((tmp_path / "clusters").glob("*.i32")).write_bytes(b"garbage")  # a damaged entry is recomputed
     monkeypatch.undo()
     assert cluster.cached_balanced_kmeans(filters, 4, 0, tmp_path) == first
 
