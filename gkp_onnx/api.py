@@ -36,6 +36,7 @@ from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
+from gkp_onnx.passes.prune_heads import PruneHeads, head_inputs
 from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -48,6 +49,7 @@ from gkp_onnx.validate import (RANDOM_BATCH, Dataset, channel_rms, compare, load
                                run_model)
 
 log = logging.getLogger(__name__)
+HEAD_CHECK_ROWS = 2  # samples each pruned attention block is checked on against the masked dense model
 
 
 @dataclass
@@ -125,10 +127,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
-    if opts.ffn_ratio:
+    if opts.ffn_ratio or opts.head_ratio:
         start = time.perf_counter()
-        optimized = _prune_neurons(optimized, opts, patterns, data, working, details)
-        timings["prune_neurons"] = time.perf_counter() - start
+        optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs)
+        timings["prune_transformer"] = time.perf_counter() - start
     nm_result = None
     check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
         if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
@@ -139,7 +141,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                                             details.get("neuron_orders"))
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers) and not details.get("neurons") \
-            and (opts.ratio > 0 or opts.nm or opts.ffn_ratio):
+            and not details.get("heads") and (opts.ratio > 0 or opts.nm or opts.ffn_ratio or opts.head_ratio):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
     latency = None
     if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
@@ -149,8 +151,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
             nonlocal nm_result
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
-            if opts.ffn_ratio:
-                rebuilt = _prune_neurons(rebuilt, opts, patterns, data, working, details)
+            if opts.ffn_ratio or opts.head_ratio:
+                rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs)
             if opts.nm:  # the report describes the model returned: the N:M result of this build
                 rebuilt, nm_result = _nm_sparsity(rebuilt, opts, patterns, data, working, budget,
                                                   details.get("neuron_orders"))
@@ -168,7 +170,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
         raise GkpError(f"optimized model fails shape inference: {str(exc).splitlines()[0]}") from None
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes,
-                    neurons=details.get("neurons", []))
+                    neurons=details.get("neurons", []), heads=details.get("heads", []),
+                    heads_skipped=details.get("heads_skipped", []))
     if nm_result:
         nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
@@ -211,21 +214,35 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
 
 
-def _prune_neurons(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern], data: Dataset | None,
-                   original: onnx.ModelProto, details: dict) -> onnx.ModelProto:
-    """Feed-forward neurons removed [-> the consumers refit towards `original`'s outputs]."""
+def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
+                       data: Dataset | None, original: onnx.ModelProto, details: dict,
+                       specs: list[InputSpec]) -> onnx.ModelProto:
+    """Attention heads and / or feed-forward neurons removed [-> the layers that read them refit
+    towards `original`'s outputs]."""
     rms = {}
-    if data is not None:  # calibration-aware scores: the RMS of each neuron's activation
-        rms = channel_rms(model, {tensor: -1 for tensor, _ in ffn_regions(model, patterns)}, data)
+    if data is not None:  # calibration-aware scores: the RMS of each channel the pruned units feed
+        tensors = {tensor: -1 for tensor, _ in ffn_regions(model, patterns)} if opts.ffn_ratio else {}
+        tensors.update({tensor: -1 for tensor in head_inputs(model, patterns)} if opts.head_ratio else {})
+        rms = channel_rms(model, tensors, data)
     found: dict = {}
-    plan = Plan(ratio=0.0, method="neurons", seed=opts.seed)
-    model, _ = run_passes([PruneNeurons(opts.ffn_ratio, patterns, rms)], model, plan, found, keep=True)
-    details["neurons"], details["neuron_orders"] = found["neurons"], found["output_orders"]
-    if opts.reconstruct and found["neurons"]:
-        layers = [name for region in found["neurons"] for name in region["consumers"]]
+    plan = Plan(ratio=0.0, method="structured", seed=opts.seed)
+    passes: list[Pass] = []
+    if opts.head_ratio:
+        sample = Dataset({name: value[:HEAD_CHECK_ROWS] for name, value in data.inputs.items()}) if data \
+            else random_dataset(specs, opts.seed, batch=HEAD_CHECK_ROWS if _dynamic_batch(model) else None)
+        passes.append(PruneHeads(opts.head_ratio, sample, patterns, rms))
+    if opts.ffn_ratio:
+        passes.append(PruneNeurons(opts.ffn_ratio, patterns, rms))
+    model, _ = run_passes(passes, model, plan, found, keep=True)
+    details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
+    details["heads_skipped"] = found.get("heads_skipped", [])
+    details["neuron_orders"] = {**found.get("output_orders", {}), **found.get("head_orders", {})}
+    layers = [name for region in details["neurons"] for name in region["consumers"]] \
+        + [block["output"] for block in details["heads"]]
+    if opts.reconstruct and layers:
         model, _ = run_passes([ReconstructNm(original, data, layers, intercept=True)], model, plan, found)
         details.setdefault("reconstruction", {}).update(
-            {f"{name} (neurons)": errors for name, errors in found["reconstruction"].items()})
+            {f"{name} (structured)": errors for name, errors in found["reconstruction"].items()})
     return model
 
 
@@ -292,6 +309,9 @@ def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions)
     if opts.ffn_ratio:
         why.append("no feed-forward block whose neurons can be removed (MatMul -> element-wise -> MatMul with "
                    "constant weights, read by nothing else), or --ffn-ratio keeps them all")
+    if opts.head_ratio:
+        why.append("no attention block whose heads can be removed (Q/K/V and output MatMul/Gemm with constant "
+                   "weights around softmax(Q K^T) V), or --head-ratio keeps them all")
     return ", ".join(why) or "GKP and N:M are both off"
 
 

@@ -69,6 +69,7 @@ RULES = {
     # OptimizeOptions
     "ratio": Rule(0, 1, high_open=True),
     "ffn_ratio": Rule(0, 1, high_open=True, optional=True),
+    "head_ratio": Rule(0, 1, high_open=True, optional=True),
     "groups": Rule(1, integer=True, optional=True, expected="a positive integer or 'auto'"),
     "seed": Rule(0, SEED_LIMIT, high_open=True, integer=True, expected="an integer in [0, 2**32)"),
     "min_group_width": _COUNT,
@@ -217,6 +218,7 @@ class OptimizeOptions:
     bench_repeats: int = 30
     bench_min_time_s: float = 1.0  # more rounds until the timed ones last this long per batch
     ffn_ratio: float | None = None  # share of transformer feed-forward neurons removed (passes/prune_neurons.py)
+    head_ratio: float | None = None  # share of transformer attention heads removed (passes/prune_heads.py)
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -227,6 +229,7 @@ class OptimizeOptions:
         """Check the options; return the compiled --exclude patterns."""
         check("ratio", self.ratio)
         check("ffn_ratio", self.ffn_ratio)
+        check("head_ratio", self.head_ratio)
         if self.method not in SELECTION_METHODS:
             raise GkpError(f"unknown --method {self.method!r} (choose from {', '.join(SELECTION_METHODS)})")
         if self.nm is not None:

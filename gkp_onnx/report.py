@@ -37,6 +37,8 @@ class Report:
     reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
     input_notes: list[str] = field(default_factory=list)  # what loading changed or assumed (canonical form, shapes)
     neurons: list[dict] = field(default_factory=list)  # prune_neurons: per feed-forward block, neurons and kept
+    heads: list[dict] = field(default_factory=list)  # prune_heads: per attention block, heads and kept
+    heads_skipped: list[tuple[str, str]] = field(default_factory=list)  # (output projection, why left whole)
 
     @property
     def passed(self) -> bool:
@@ -87,6 +89,8 @@ class Report:
                 "skipped": [{"node": node, "reason": reason} for node, reason in self.nm.skipped],
                 "eligible_mac_share": self.nm.eligible_mac_share, "budget": self.nm.budget, "note": NM_NOTE},
             "neurons": self.neurons,
+            "heads": self.heads,
+            "heads_skipped": [{"node": node, "reason": reason} for node, reason in self.heads_skipped],
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -123,6 +127,13 @@ class Report:
             verb = "blocks keep" if len(self.neurons) > 1 else "block keeps"
             lines.append(f"feed-forward neurons: {len(self.neurons)} {verb} "
                          + ", ".join(f"{k} of {n}" for k, n in kept) + " (--ffn-ratio)")
+        if self.heads:
+            kept = sorted({(block["kept"], block["heads"]) for block in self.heads})
+            verb = "blocks keep" if len(self.heads) > 1 else "block keeps"
+            lines.append(f"attention heads: {len(self.heads)} {verb} "
+                         + ", ".join(f"{k} of {n}" for k, n in kept) + " (--head-ratio)")
+        for node, reason in self.heads_skipped:
+            lines.append(f"attention heads kept in {node}: {reason}")
         if self.nm is not None:
             lines += self._nm_table()
         lines += ["", f"{'':<12} {'before':>12} {'after':>12} {'after/before':>13}"]

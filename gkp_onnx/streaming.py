@@ -45,7 +45,7 @@ def external_bytes(model: onnx.ModelProto) -> int:
 
 def streams(model: onnx.ModelProto, opts: OptimizeOptions) -> bool:
     """Whether `optimize` streams this model (loaded without its data) with these options."""
-    whole = (opts.calib or opts.reconstruct or opts.nm_method != "wanda" or opts.plan or opts.ffn_ratio
+    whole = (opts.calib or opts.reconstruct or opts.nm_method != "wanda" or opts.plan or opts.ffn_ratio or opts.head_ratio
              or opts.bench_batches or opts.thresholds.min_cosine is not None
              or opts.thresholds.max_abs_diff is not None or opts.thresholds.min_top1_agreement is not None)
     has_conv = any(node.op_type == "Conv" for node in model.graph.node)

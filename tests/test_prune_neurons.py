@@ -162,5 +162,5 @@ def test_n_m_after_neuron_pruning_refits_the_narrowed_projections_too(tmp_path):
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((32, 8, D)).astype(np.float32))
     _, report = optimize(ffn("swiglu"), gkp=False, ffn_ratio=0.5, nm="2:4", calib=str(tmp_path / "calib.npz"),
                          reconstruct=True, nm_permute=True)
-    assert {"up", "gate", "down", "down (neurons)"} <= set(report.reconstruction)
+    assert {"up", "gate", "down", "down (structured)"} <= set(report.reconstruction)
     assert all(after <= before for before, after in report.reconstruction.values())

@@ -156,6 +156,9 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ffn-ratio", type=float, metavar="R",
                        help="transformers: share of feed-forward neurons to remove, in [0, 1) (MatMul -> activation "
                             "-> MatMul blocks; a smaller dense model)")
+    group.add_argument("--head-ratio", type=float, metavar="R",
+                       help="transformers: share of attention heads to remove, in [0, 1) (Q/K/V columns and output "
+                            "projection rows per head; with grouped-query attention whole key/value groups)")
     group.add_argument("--min-group-width", type=option("min_group_width"), default=DEFAULTS.min_group_width,
                        help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
     group.add_argument("--speed-weight", type=option("speed_weight"), default=DEFAULTS.speed_weight,

@@ -1,0 +1,470 @@
+"""prune_heads: remove attention heads of transformers (--head-ratio R): a smaller dense model.
+
+Before (H heads of width d)                        After (the heads S kept)
+    x ──MatMul(Wq [D, H*d])─(+bq)─Reshape─...─┐        Wq[:, S], bq[S]; the same for K and V
+    x ──MatMul(Wk)─(+bk)─Reshape─...── softmax(Q K^T) V ──Reshape── MatMul(Wo [H*d, D]) ── y
+    x ──MatMul(Wv)─(+bv)─Reshape─...─┘                 Wo[S, :]; a Reshape constant H -> |S|
+
+An attention block is found from its core: a MatMul of two computed tensors (the scores Q K^T)
+whose result reaches, through element-wise ops (scale, mask), a Softmax, itself read (through
+Where / Cast) as the left operand of a second such MatMul (P V). From the two score operands and V
+the walk goes up (Reshape, Transpose, RoPE's Gather/Slice/Mul/Concat, a scale, a bias Add) to one
+MatMul/Gemm with a constant weight each, and from P V down (Transpose, Reshape) to the output
+projection. Head count H, key width d and value width come from one onnxruntime run of `sample`.
+With grouped-query attention (H_kv < H key/value heads), a unit is one key/value head and the
+H / H_kv query heads that read it. Shape constants that spell a head count (or the merged width)
+in the block's Reshapes are rewritten; -1 and run-time shapes need nothing.
+
+Every pruned block is checked by running `sample`: the pruned model must equal the dense model
+with the removed heads' output rows zeroed; a block that does not (a layout this walk misreads)
+is left dense, with the reason in the details. Scores: with calibration data, per head the norm
+of its contribution to the output projection (RMS of each of its channels there x the norm of the
+row it feeds); without, the norms of its value columns x its output rows. Fused QKV projections
+are left alone (reason given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gkp_onnx.graph import initializer_map, reduction_axis
+from gkp_onnx.nm_permutation import take_channels
+from gkp_onnx.pipeline import Pass, PassResult
+from gkp_onnx.plan import Plan
+from gkp_onnx.validate import Dataset, make_session, run_model, with_outputs
+
+PATH_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Tile", "Expand", "Mul", "Div", "Add", "Sub", "Neg",
+            "Gather", "Slice", "Split", "Concat", "Cast", "Identity"}  # between a projection and the attention core
+SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity"}  # scale and mask between Q K^T and Softmax
+PROB_OPS = {"Where", "Cast", "Identity", "Dropout"}  # between Softmax and P V
+MERGE_OPS = {"Transpose", "Reshape", "Identity", "Cast"}  # between P V and the output projection
+ONE_DATA_INPUT = {"Reshape", "Expand", "Tile", "Slice", "Split", "Gather", "Unsqueeze", "Squeeze", "Dropout"}
+AGREE = 1e-4  # the pruned block vs the masked dense one: max |diff| <= AGREE * max |output|
+
+
+@dataclass
+class AttentionBlock:
+    query: onnx.NodeProto
+    key: onnx.NodeProto
+    value: onnx.NodeProto
+    output: onnx.NodeProto
+    path: list[onnx.NodeProto] = field(default_factory=list)  # nodes between the projections and the output
+    heads: int = 0
+    kv_heads: int = 0
+    key_width: int = 0
+    value_width: int = 0
+    shape_edits: list = field(default_factory=list)  # (node, input slot, element, what): see _shape_edits
+
+    @property
+    def units(self) -> int:
+        return self.kv_heads
+
+    def query_heads(self, units) -> list[int]:
+        per = self.heads // self.kv_heads
+        return [u * per + i for u in units for i in range(per)]
+
+
+class PruneHeads(Pass):
+    name = "prune_heads"
+    in_place = True  # edits the model's weights in place
+
+    def __init__(self, ratio: float, sample: Dataset, exclude=(), activation_rms: dict[str, np.ndarray] | None = None):
+        self.ratio = ratio
+        self.sample = sample  # a few inputs: the run that gives head counts, and the check of each block
+        self.exclude = list(exclude)
+        self.activation_rms = activation_rms or {}  # the output projection's input tensor -> RMS per channel
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        blocks, skipped = attention_blocks(model, self.sample, self.exclude)
+        dense = onnx.ModelProto()
+        dense.CopyFrom(model)
+        initializers = initializer_map(model.graph)
+        pruned, orders, edits = [], {}, []
+        for block in blocks:
+            keep = kept_units(block.units, self.ratio)
+            if keep >= block.units:
+                continue
+            units = np.sort(np.argsort(-self._scores(block, initializers), kind="stable")[:keep])
+            edits.append((block, units))
+        masked = _masked(dense, edits)
+        for block, units in edits:
+            _prune(model, block, units, initializers)
+        failed = _disagreeing(model, masked, self.sample) if edits else []
+        if failed:  # find the blocks this walk misread; keep them dense
+            model.CopyFrom(dense)
+            initializers = initializer_map(model.graph)
+            good = []
+            for block, units in edits:
+                trial = onnx.ModelProto()
+                trial.CopyFrom(dense)
+                _prune(trial, _same_block(trial, block), units, initializer_map(trial.graph))
+                if _disagreeing(trial, _masked(dense, [(block, units)]), self.sample):
+                    skipped.append((block.output.name, "the pruned block does not equal the masked dense one "
+                                                       "(a layout the head walk does not know)"))
+                else:
+                    good.append((block, units))
+            for block, units in good:
+                _prune(model, _same_block(model, block), units, initializers)
+            edits = good
+        for block, units in edits:
+            query = block.query_heads(units)
+            pruned.append({"output": block.output.name, "heads": block.heads, "kept": len(query),
+                           "kv_heads": block.kv_heads, "kept_kv": len(units)})
+            orders[block.query.name] = _columns(query, block.key_width)
+            orders[block.key.name] = _columns(units, block.key_width)
+            orders[block.value.name] = _columns(units, block.value_width)
+        return PassResult(model, plan, modified=bool(edits),
+                          details={"heads": pruned, "head_orders": orders, "heads_skipped": skipped})
+
+    def _scores(self, block: AttentionBlock, initializers) -> np.ndarray:
+        """One score per unit (a key/value head and its query heads)."""
+        rows = _rows(block.output, initializers)  # [H * value_width, D]
+        contribution = np.linalg.norm(rows, axis=1)
+        rms = self.activation_rms.get(block.output.input[0])
+        if rms is not None:
+            contribution = contribution * rms
+        else:
+            values = np.linalg.norm(_columns_of(block.value, initializers), axis=0)  # [H_kv * value_width]
+            per = block.heads // block.kv_heads
+            contribution = contribution * np.repeat(values.reshape(block.kv_heads, -1), per, axis=0).reshape(-1)
+        heads = np.sqrt((contribution.reshape(block.heads, -1) ** 2).sum(axis=1))
+        return heads.reshape(block.kv_heads, -1).sum(axis=1)
+
+
+def kept_units(units: int, ratio: float) -> int:
+    """Heads (or key/value groups) kept of `units` at `ratio`: at least one."""
+    return max(1, min(units, math.ceil(round((1 - ratio) * units, 9))))
+
+
+def head_inputs(model: onnx.ModelProto, exclude=()) -> list[str]:
+    """The tensors the output projections of attention blocks read (where the heads' scores are measured)."""
+    return [block.output.input[0] for block, _, _ in _attention_cores(model, exclude)[0]]
+
+
+def _attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
+    """(block without sizes, Q K^T MatMul, P V MatMul) per attention core found; (output, reason) skipped."""
+    initializers = initializer_map(model.graph)
+    producers = {o: node for node in model.graph.node for o in node.output}
+    readers = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def computed(name: str) -> bool:
+        return bool(name) and name not in initializers
+
+    found, skipped = [], []
+    for pv in model.graph.node:
+        if pv.op_type != "MatMul" or not all(computed(t) for t in pv.input):
+            continue
+        softmax = _walk_single(pv.input[0], producers, initializers, PROB_OPS)
+        if softmax is None or softmax.op_type != "Softmax":
+            continue
+        scores = _find_up(softmax.input[0], producers, initializers, SCORE_OPS,
+                          lambda n: n.op_type == "MatMul" and all(computed(t) for t in n.input))
+        output, merge = _walk_down(pv.output[0], readers, outputs, initializers)
+        if len(scores) != 1 or output is None:
+            continue
+        qk = scores[0]
+        where = output.name
+        if any(p.search(output.name) or p.search(output.input[1]) for p in exclude):
+            continue
+        sides = [_projection(t, producers, initializers, readers) for t in (qk.input[0], qk.input[1], pv.input[1])]
+        if any(side is None for side in sides):
+            skipped.append((where, "no single MatMul/Gemm with a constant weight found for Q, K or V"))
+            continue
+        (query, q_path), (key, k_path), (value, v_path) = sides
+        if len({query.name, key.name, value.name}) < 3:
+            skipped.append((where, "fused Q/K/V projection (not supported yet)"))
+            continue
+        found.append((AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge), qk, pv))
+    return found, skipped
+
+
+def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tuple[list[AttentionBlock], list]:
+    """The attention blocks whose heads can be removed, and (output projection, reason) for those that cannot."""
+    initializers = initializer_map(model.graph)
+    producers = {o: node for node in model.graph.node for o in node.output}
+    found, skipped = _attention_cores(model, exclude)
+    if not found:
+        return [], skipped
+    probe = [t for _, qk, pv in found for t in (qk.output[0], pv.input[1], pv.output[0])]
+    for block, _, _ in found:
+        for node in block.path:
+            if node.op_type in ("Reshape", "Expand"):
+                concat = producers.get(node.input[1])
+                probe += [node.output[0]] + ([t for t in concat.input if t not in initializers]
+                                             if concat is not None and concat.op_type == "Concat" else [])
+    shapes = _run_shapes(model, sorted(set(probe)), sample)
+    blocks = []
+    for block, qk, pv in found:
+        heads = shapes[qk.output[0]][-3] if len(shapes[qk.output[0]]) >= 3 else 0
+        block.heads, block.value_width = heads, shapes[pv.output[0]][-1]
+        widths = [_width(n, initializers) for n in (block.query, block.key, block.value)]
+        block.key_width = widths[0] // heads if heads else 0
+        block.kv_heads = widths[1] // block.key_width if block.key_width else 0
+        reason = None
+        if not heads or widths[0] != heads * block.key_width:
+            reason = "the query projection's width is not heads x key width"
+        elif not block.kv_heads or heads % block.kv_heads or widths[1] != block.kv_heads * block.key_width \
+                or widths[2] != block.kv_heads * block.value_width:
+            reason = "key/value projection widths do not match the head count"
+        elif _rows(block.output, initializers).shape[0] != heads * block.value_width:
+            reason = "the output projection does not read heads x value width"
+        if reason:
+            skipped.append((block.output.name, reason))
+            continue
+        block.shape_edits = _shape_edits(block, shapes, initializers, producers)
+        blocks.append(block)
+    return blocks, skipped
+
+
+def _walk_single(tensor, producers, initializers, ops) -> onnx.NodeProto | None:
+    """The first producer up from `tensor` not in `ops`, following the one computed input of each."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ops:
+        inputs = [t for t in (node.input[1:] if node.op_type == "Where" else node.input[:1]) if t and t not in initializers]
+        if len(inputs) != 1:
+            return None
+        node = producers.get(inputs[0])
+    return node
+
+
+def _find_up(tensor, producers, initializers, ops, wanted) -> list[onnx.NodeProto]:
+    """The nearest producers up from `tensor` that satisfy `wanted`, through nodes in `ops`."""
+    found, seen, todo = [], set(), [tensor]
+    while todo:
+        name = todo.pop()
+        node = producers.get(name)
+        if name in seen or node is None or name in initializers:
+            continue
+        seen.add(name)
+        if wanted(node):
+            found.append(node)
+        elif node.op_type in ops:
+            todo.extend(t for t in (node.input[1:] if node.op_type == "Where" else node.input) if t)
+    return found
+
+
+def _projection(tensor, producers, initializers, readers):
+    """(the one MatMul/Gemm with a constant 2-D weight up from `tensor`, the nodes on the way)."""
+    path, found, seen, todo = [], [], set(), [tensor]
+    while todo:
+        name = todo.pop()
+        node = producers.get(name)
+        if name in seen or name in initializers or node is None:
+            continue
+        seen.add(name)
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in initializers:
+            if len(initializers[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1:
+                return None
+            if node.op_type == "Gemm" and _attr(node, "transA", 0):
+                return None
+            found.append(node)
+            continue
+        if node.op_type not in PATH_OPS:
+            continue  # a side input (a RoPE table, a position computation): not the data path
+        path.append(node)
+        todo.extend(t for t in (node.input[:1] if node.op_type in ONE_DATA_INPUT else node.input) if t)
+    return (found[0], path) if len(found) == 1 else None
+
+
+def _walk_down(tensor, readers, outputs, initializers):
+    """(the output projection reading the merged heads, the nodes on the way) or (None, [])."""
+    path = []
+    while tensor not in outputs:
+        data = [n for n in readers[tensor] if n.op_type != "Shape"]  # a Shape reader follows the new size
+        if len(data) != 1:
+            break
+        node = data[0]
+        if node.op_type in ("MatMul", "Gemm") and node.input[0] == tensor and len(node.input) > 1 \
+                and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2 \
+                and len(readers[node.input[1]]) == 1 and not _attr(node, "transA", 0):
+            return node, path
+        if node.op_type not in MERGE_OPS or node.input[0] != tensor:
+            return None, []
+        path.append(node)
+        tensor = node.output[0]
+    return None, []
+
+
+def _attr(node, name, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _out_axis(node, initializers) -> int:
+    """The weight axis of a projection's output channels."""
+    return 1 - reduction_axis(node, len(initializers[node.input[1]].dims))
+
+
+def _width(node, initializers) -> int:
+    return initializers[node.input[1]].dims[_out_axis(node, initializers)]
+
+
+def _columns_of(node, initializers) -> np.ndarray:
+    """A projection's weight as [D_in, D_out]."""
+    weight = numpy_helper.to_array(initializers[node.input[1]])
+    return weight if _out_axis(node, initializers) == 1 else weight.T
+
+
+def _rows(node, initializers) -> np.ndarray:
+    """The output projection's weight as [D_in (heads x value width), D_out]."""
+    weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    return weight.T if reduction_axis(node, 2) == 1 else weight
+
+
+def _columns(heads, width: int) -> np.ndarray:
+    return np.asarray([h * width + i for h in heads for i in range(width)], dtype=np.int64)
+
+
+def _run_shapes(model: onnx.ModelProto, names: list[str], sample: Dataset) -> dict[str, list[int]]:
+    """The shapes the named tensors take on the first sample."""
+    session = make_session(with_outputs(model, names))
+    first = Dataset({name: value[:1] for name, value in sample.inputs.items()})
+    values = run_model(session, first)
+    return {o.name: list(v.shape) for o, v in zip(session.get_outputs(), values)}
+
+
+def _bias(node, readers, initializers, width: int) -> str | None:
+    """The per-channel bias of a projection (Gemm's C, or an Add of a [width] constant), if any."""
+    if node.op_type == "Gemm":
+        return node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
+    adds = readers[node.output[0]]
+    if len(adds) == 1 and adds[0].op_type == "Add":
+        other = [t for t in adds[0].input if t != node.output[0]]
+        if len(other) == 1 and other[0] in initializers and list(initializers[other[0]].dims) == [width] \
+                and len(readers[other[0]]) == 1:
+            return other[0]
+    return None
+
+
+def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list[tuple[str, int, int, str]]:
+    """(node, input slot, element, what) for every constant in the block's Reshape/Expand shapes that
+    spells a head count ("heads", "kv_heads") or a merged width ("merged_q", "merged_v")."""
+    counts = {block.heads: "heads", block.kv_heads: "kv_heads"}
+    merged = {block.heads * block.value_width: "merged_v", block.heads * block.key_width: "merged_q",
+              block.kv_heads * block.key_width: "merged_k", block.kv_heads * block.value_width: "merged_kv"}
+    widths = {block.key_width, block.value_width}
+    edits = []
+    for node in block.path:
+        if node.op_type not in ("Reshape", "Expand") or node.output[0] not in shapes:
+            continue
+        out = shapes[node.output[0]]
+        pieces = [(node.name, 1, node.input[1])]
+        concat = producers.get(node.input[1])
+        if node.input[1] not in initializers and concat is not None and concat.op_type == "Concat":
+            pieces = [(concat.name, j, t) for j, t in enumerate(concat.input)]
+        position = 0
+        for owner, slot, name in pieces:
+            length = (int(np.prod(initializers[name].dims)) if name in initializers
+                      else (shapes.get(name) or [None])[0])
+            if length is None:
+                break
+            if name in initializers:
+                values = numpy_helper.to_array(initializers[name]).reshape(-1)
+                for k, value in enumerate(values):
+                    i = position + k
+                    if i >= len(out) or value != out[i]:
+                        continue
+                    if value in counts and int(np.prod(out[i + 1:])) in widths:
+                        edits.append((owner, slot, k, counts[value]))
+                    elif value in merged and i == len(out) - 1:
+                        edits.append((owner, slot, k, merged[value]))
+            position += length
+    return edits
+
+
+def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -> None:
+    """Remove the heads outside `units` from `block` in `model` (weights, biases, shape constants)."""
+    readers = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    query = block.query_heads(units)
+    for node, heads, width in ((block.query, query, block.key_width), (block.key, units, block.key_width),
+                               (block.value, units, block.value_width)):
+        columns = _columns(heads, width)
+        bias = _bias(node, readers, initializers, _width(node, initializers))
+        take_channels(initializers[node.input[1]], columns, _out_axis(node, initializers))
+        if bias is not None:
+            take_channels(initializers[bias], columns, 0)
+    take_channels(initializers[block.output.input[1]], _columns(query, block.value_width),
+                  reduction_axis(block.output, 2))
+    new = {"heads": len(query), "kv_heads": len(units), "merged_v": len(query) * block.value_width,
+           "merged_q": len(query) * block.key_width, "merged_k": len(units) * block.key_width,
+           "merged_kv": len(units) * block.value_width}
+    nodes = {n.name: n for n in model.graph.node}
+    for owner, slot, element, what in block.shape_edits:
+        node = nodes[owner]
+        old = initializers[node.input[slot]]
+        values = numpy_helper.to_array(old).copy()
+        values.reshape(-1)[element] = new[what]
+        name = f"{old.name}_{block.output.name}_heads"
+        tensor = numpy_helper.from_array(values, name)
+        if name in initializers:
+            initializers[name].CopyFrom(tensor)
+        else:
+            model.graph.initializer.append(tensor)
+            initializers[name] = model.graph.initializer[-1]
+        node.input[slot] = name
+    stale = {o for n in block.path for o in n.output} | {block.query.output[0], block.key.output[0],
+                                                          block.value.output[0]}
+    for value in list(model.graph.value_info):
+        if value.name in stale:
+            model.graph.value_info.remove(value)
+    _drop_unread_initializers(model)
+
+
+def _drop_unread_initializers(model: onnx.ModelProto) -> None:
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    for init in [i for i in model.graph.initializer if i.name not in read]:
+        model.graph.initializer.remove(init)
+
+
+def _masked(dense: onnx.ModelProto, edits) -> onnx.ModelProto:
+    """The dense model with the output rows of the heads to remove zeroed: what pruning must equal."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(dense)
+    initializers = initializer_map(masked.graph)
+    for block, units in edits:
+        init = initializers[block.output.input[1]]
+        weight = numpy_helper.to_array(init).copy()
+        axis = reduction_axis(block.output, 2)
+        removed = np.setdiff1d(np.arange(block.heads * block.value_width),
+                               _columns(block.query_heads(units), block.value_width))
+        np.moveaxis(weight, axis, 0)[removed] = 0
+        init.CopyFrom(numpy_helper.from_array(weight, init.name))
+    return masked
+
+
+def _same_block(model: onnx.ModelProto, block: AttentionBlock) -> AttentionBlock:
+    """`block` with its nodes looked up in `model` (a copy of the model it was found in)."""
+    nodes = {n.name: n for n in model.graph.node}
+    twin = AttentionBlock(*(nodes[n.name] for n in (block.query, block.key, block.value, block.output)),
+                          path=[nodes[n.name] for n in block.path], heads=block.heads, kv_heads=block.kv_heads,
+                          key_width=block.key_width, value_width=block.value_width, shape_edits=block.shape_edits)
+    return twin
+
+
+def _disagreeing(pruned: onnx.ModelProto, masked: onnx.ModelProto, sample: Dataset) -> bool:
+    """Whether the pruned model fails to run or differs from the masked dense one on `sample`."""
+    try:
+        got = run_model(make_session(pruned), sample)
+    except Exception:  # a misread layout: onnxruntime rejects the shapes
+        return True
+    want = run_model(make_session(masked), sample)
+    for a, b in zip(got, want):
+        if a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
+            if a.shape != b.shape or not np.array_equal(a, b):
+                return True
+            continue
+        if np.abs(a.astype(np.float64) - b).max() > AGREE * max(1.0, np.abs(b).max()):
+            return True
+    return False

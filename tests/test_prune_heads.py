@@ -1,0 +1,190 @@
+"""prune_heads: attention heads removed; the pruned model equals the dense one with those heads' output rows zeroed."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import cli_error, run
+from gkp_onnx import optimize
+from gkp_onnx.cli import main
+from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, kept_units
+from gkp_onnx.plan import Plan
+from gkp_onnx.validate import Dataset
+
+D, S, WIDTH = 32, 6, 8
+PLAN = Plan(ratio=0, method="x", seed=0)
+LLAMA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyllama-aidreams260K" / "aidreams260K_derived.onnx"
+
+
+def attention(heads: int = 4, kv_heads: int = 4, explicit: bool = True, fused: bool = False,
+              misread: bool = False) -> onnx.ModelProto:
+    """x [N, S, D] -> multi-head attention -> y [N, S, D], as exporters write it: projections (+ bias),
+    Reshape to [N, S, heads, WIDTH] (`explicit`: the head count spelled in the shape constants, else -1),
+    Transpose, scores / sqrt(WIDTH), Softmax, P V, Transpose, Reshape, output projection (+ bias).
+    kv_heads < heads: grouped-query attention (K/V repeated with Unsqueeze + Tile). `fused`: one QKV
+    projection split in three. `misread`: the merged heads go through a Reshape whose head count
+    no rule rewrites (the pass must find this and keep the block)."""
+    rng = np.random.default_rng(0)
+    inits = []
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def weight(name, shape):
+        return const(name, rng.standard_normal(shape) / np.sqrt(shape[0]))
+
+    nodes = []
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    rep = heads // kv_heads
+    if fused:
+        qkv = node("MatMul", ["x", weight("w_qkv", (D, (heads + 2 * kv_heads) * WIDTH))], "qkv")
+        sizes = const("sizes", [heads * WIDTH, kv_heads * WIDTH, kv_heads * WIDTH], np.int64)
+        nodes.append(helper.make_node("Split", [qkv, sizes], ["q", "k", "v"], name="split", axis=-1))
+        q, k, v = "q", "k", "v"
+    else:
+        q, k, v = (node("Add", [node("MatMul", ["x", weight(f"w_{p}", (D, n * WIDTH))], p),
+                                const(f"b_{p}", rng.standard_normal(n * WIDTH))], f"{p}_bias")
+                   for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
+
+    def split_heads(t, count, name):
+        shape = const(f"{name}_shape", [0, 0, count if explicit else -1, WIDTH], np.int64)
+        t = node("Reshape", [t, shape], f"{name}_heads")
+        if count < heads:  # repeat each key/value head for its query heads
+            t = node("Tile", [node("Unsqueeze", [t, const(f"{name}_axis", [3], np.int64)], f"{name}_unsq"),
+                              const(f"{name}_reps", [1, 1, 1, rep, 1], np.int64)], f"{name}_tile")
+            t = node("Reshape", [t, const(f"{name}_flat", [0, 0, -1, WIDTH], np.int64)], f"{name}_repeated")
+        return t
+
+    qt = node("Transpose", [split_heads(q, heads, "q")], "qt", perm=[0, 2, 1, 3])
+    kt = node("Transpose", [split_heads(k, kv_heads, "k")], "kt", perm=[0, 2, 3, 1])
+    vt = node("Transpose", [split_heads(v, kv_heads, "v")], "vt", perm=[0, 2, 1, 3])
+    scores = node("Div", [node("MatMul", [qt, kt], "qk"), const("scale", np.sqrt(WIDTH))], "scaled")
+    context = node("MatMul", [node("Softmax", [scores], "softmax", axis=-1), vt], "pv")
+    if misread:  # [N, H, S, W] -> [N, H, S * W] -> back: the H here is not followed by one head's width
+        flat = node("Reshape", [context, const("flat_shape", [0, heads, -1], np.int64)], "flat")
+        context = node("Reshape", [flat, const("unflat_shape", [0, heads, S, WIDTH], np.int64)], "unflat")
+    merged = node("Transpose", [context], "merge_t", perm=[0, 2, 1, 3])
+    merged = node("Reshape", [merged, const("merge_shape", [0, 0, heads * WIDTH if explicit else -1], np.int64)],
+                  "merged")
+    node("Add", [node("MatMul", [merged, weight("w_o", (heads * WIDTH, D))], "o"), const("b_o", np.zeros(D))], "y")
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", S, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", S, D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def sample(rows: int = 3, seed: int = 1) -> Dataset:
+    return Dataset({"x": np.random.default_rng(seed).standard_normal((rows, S, D)).astype(np.float32)})
+
+
+def weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def masked_like(model: onnx.ModelProto, pruned: onnx.ModelProto, heads: int) -> onnx.ModelProto:
+    """The dense model with the output-projection rows of the heads pruning removed set to zero."""
+    before, after = weights(model)["w_o"], weights(pruned)["w_o"]
+    kept = [h for h in range(heads) if any(np.array_equal(before[h * WIDTH:(h + 1) * WIDTH], after[i:i + WIDTH])
+                                           for i in range(0, len(after), WIDTH))]
+    assert len(kept) * WIDTH == len(after)
+    zeroed = before.copy()
+    for h in set(range(heads)) - set(kept):
+        zeroed[h * WIDTH:(h + 1) * WIDTH] = 0
+    masked = onnx.ModelProto.FromString(model.SerializeToString())
+    next(t for t in masked.graph.initializer if t.name == "w_o").CopyFrom(numpy_helper.from_array(zeroed, "w_o"))
+    return masked
+
+
+@pytest.mark.parametrize("heads, kv_heads, explicit", [(4, 4, True), (4, 4, False), (4, 2, True), (8, 2, False)])
+def test_pruned_heads_equal_the_masked_dense_model(heads, kv_heads, explicit):
+    model = attention(heads, kv_heads, explicit)
+    result = PruneHeads(0.5, sample())(onnx.ModelProto.FromString(model.SerializeToString()), PLAN)
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    (block,) = result.details["heads"]
+    assert block == {"output": "o", "heads": heads, "kept": heads // 2, "kv_heads": kv_heads, "kept_kv": kv_heads // 2}
+    w = weights(pruned)
+    assert w["w_q"].shape == (D, heads // 2 * WIDTH) and w["b_q"].shape == (heads // 2 * WIDTH,)
+    assert w["w_k"].shape == w["w_v"].shape == (D, kv_heads // 2 * WIDTH) and w["w_o"].shape == (heads // 2 * WIDTH, D)
+    shapes = {n.name: w[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Reshape"}
+    if explicit:  # the head counts and the merged width spelled in the shapes follow the kept heads
+        assert shapes["q_heads"] == [0, 0, heads // 2, WIDTH] and shapes["k_heads"] == [0, 0, kv_heads // 2, WIDTH]
+        assert shapes["merged"] == [0, 0, heads // 2 * WIDTH]
+    x = sample(4, seed=7).inputs
+    np.testing.assert_allclose(run(pruned, x)[0], run(masked_like(model, pruned, heads), x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_at_ratio_0_nothing_changes_and_counts_round_up():
+    assert [kept_units(12, r) for r in (0.0, 0.25, 0.5, 0.7, 0.99)] == [12, 9, 6, 4, 1]
+    result = PruneHeads(0.0, sample())(attention(), PLAN)
+    assert not result.modified and result.details["heads"] == []
+
+
+def test_a_layout_the_walk_misreads_is_found_by_running_it_and_left_whole():
+    model = attention(misread=True)
+    result = PruneHeads(0.5, sample())(onnx.ModelProto.FromString(model.SerializeToString()), PLAN)
+    assert result.details["heads"] == []
+    (node, reason), = result.details["heads_skipped"]
+    assert node == "o" and "does not equal the masked dense" in reason
+    assert weights(result.model)["w_o"].shape == (4 * WIDTH, D)
+    np.testing.assert_array_equal(run(result.model, sample().inputs)[0], run(model, sample().inputs)[0])
+
+
+def test_fused_qkv_is_left_whole_with_its_reason():
+    blocks, skipped = attention_blocks(attention(fused=True), sample())
+    assert blocks == [] and skipped == [("o", "fused Q/K/V projection (not supported yet)")]
+
+
+def test_calibration_scores_and_refit_bring_the_output_closer(tmp_path):
+    model = attention(8, 8, explicit=False)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((64, S, D)) * np.linspace(0.2, 2, D)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    errors = {}
+    for name, options in {"weights": {}, "refit": dict(calib=str(tmp_path / "calib.npz"), reconstruct=True)}.items():
+        pruned, report = optimize(model, gkp=False, head_ratio=0.5, **options)
+        assert [(b["heads"], b["kept"]) for b in report.heads] == [(8, 4)]
+        assert report.after.macs < report.before.macs
+        errors[name] = float(np.mean((run(pruned, {"x": x})[0] - run(model, {"x": x})[0]) ** 2))
+    assert errors["refit"] < errors["weights"]
+    assert "o (structured)" in report.reconstruction
+
+
+def test_heads_and_neurons_then_n_m_compose(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((16, S, D)).astype(np.float32))
+    pruned, report = optimize(attention(), gkp=False, head_ratio=0.5, nm="2:4", calib=str(tmp_path / "calib.npz"),
+                              reconstruct=True)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.heads and {"q", "k", "v", "o"} <= {layer.node for layer in report.nm.layers}
+    assert all(after <= before * (1 + 1e-6) for before, after in report.reconstruction.values())
+
+
+def test_command_line_head_ratio(tmp_path, capsys):
+    path, out = tmp_path / "attention.onnx", tmp_path / "out.onnx"
+    onnx.save(attention(), path)
+    before = path.read_bytes()
+    assert main(["optimize", str(path), str(out), "--no-gkp", "--head-ratio", "0.25"]) == 0
+    assert "attention heads: 1 block keeps 3 of 4" in capsys.readouterr().out
+    assert weights(onnx.load(out))["w_o"].shape == (3 * WIDTH, D)
+    for bad in ("1", "-0.1", "nan", "x"):
+        line = cli_error(capsys, ["optimize", str(path), str(tmp_path / "bad.onnx"), "--no-gkp", "--head-ratio", bad],
+                         usage=bad == "x")
+        assert "--head-ratio" in line
+    assert not (tmp_path / "bad.onnx").exists() and path.read_bytes() == before
+    onnx.save(attention(fused=True), path)
+    line = cli_error(capsys, ["optimize", str(path), str(tmp_path / "bad.onnx"), "--no-gkp", "--head-ratio", "0.5"])
+    assert "nothing to optimize" in line and "attention block" in line
+
+
+@pytest.mark.skipif(not LLAMA.exists(), reason="needs ../shared/data/tinyllama-aidreams260K")
+def test_the_real_tiny_llama_loses_half_its_heads_in_every_layer():
+    pruned, report = optimize(str(LLAMA), gkp=False, head_ratio=0.5)
+    assert [(b["heads"], b["kept"]) for b in report.heads] == [(4, 2)] * 4 and not report.heads_skipped
+    onnx.checker.check_model(pruned, full_check=True)
