@@ -45,7 +45,7 @@ from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import (RANDOM_BATCH, Dataset, channel_rms, compare, load_dataset, make_session, random_dataset,
+from gkp_onnx.validate import (RANDOM_BATCH, Dataset, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
                                run_model)
 
 log = logging.getLogger(__name__)
@@ -219,20 +219,20 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
                        specs: list[InputSpec]) -> onnx.ModelProto:
     """Attention heads and / or feed-forward neurons removed [-> the layers that read them refit
     towards `original`'s outputs]."""
-    rms = {}
-    if data is not None:  # calibration-aware scores: the RMS of each channel the pruned units feed
+    covariances = {}
+    if data is not None:  # calibration-aware choice: the covariance of the channels the pruned units feed
         tensors = {tensor: -1 for tensor, _ in ffn_regions(model, patterns)} if opts.ffn_ratio else {}
         tensors.update({tensor: -1 for tensor in head_inputs(model, patterns)} if opts.head_ratio else {})
-        rms = channel_rms(model, tensors, data)
+        covariances = channel_covariances(model, tensors, data)
     found: dict = {}
     plan = Plan(ratio=0.0, method="structured", seed=opts.seed)
     passes: list[Pass] = []
     if opts.head_ratio:
         sample = Dataset({name: value[:HEAD_CHECK_ROWS] for name, value in data.inputs.items()}) if data \
             else random_dataset(specs, opts.seed, batch=HEAD_CHECK_ROWS if _dynamic_batch(model) else None)
-        passes.append(PruneHeads(opts.head_ratio, sample, patterns, rms))
+        passes.append(PruneHeads(opts.head_ratio, sample, patterns, covariances))
     if opts.ffn_ratio:
-        passes.append(PruneNeurons(opts.ffn_ratio, patterns, rms))
+        passes.append(PruneNeurons(opts.ffn_ratio, patterns, covariances))
     model, _ = run_passes(passes, model, plan, found, keep=True)
     details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
     details["heads_skipped"] = found.get("heads_skipped", [])

@@ -374,10 +374,23 @@ def compare(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, 
 def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
     """Root-mean-square of every channel of the named tensors over `data` (tensor -> channel axis);
     a [batch, sequence, channels] tensor leaves out the padding positions (see PADDING_INPUT)."""
+    return {name: np.sqrt(squares / count) for name, (count, _, squares) in _channel_sums(model, tensors, data).items()}
+
+
+def channel_covariances(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
+    """Covariance matrix of the channels of the named tensors over `data` (tensor -> channel axis;
+    padding positions left out), times the number of rows: X_c^T X_c with X_c the centred rows."""
+    covariances = {}
+    for name, (count, sums, outer) in _channel_sums(model, tensors, data, outer=True).items():
+        covariances[name] = outer - np.outer(sums, sums) / count
+    return covariances
+
+
+def _channel_sums(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset, outer: bool = False) -> dict:
+    """Per tensor: (rows, per-channel sums, per-channel sums of squares or, with `outer`, X^T X)."""
     session = make_session(with_outputs(model, list(tensors)))
     names = [o.name for o in session.get_outputs()]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    sums: dict[str, list] = {}
     for feed in batches(session, data):
         for name, value in zip(names, run_session(session, feed)):
             if name in tensors:
@@ -386,9 +399,11 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
                 tokens = token_rows(feed.get(PADDING_INPUT), moved.shape)
                 if tokens is not None:
                     flat = flat[tokens]
-                sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
-                counts[name] = counts.get(name, 0) + flat.shape[0]
-    return {name: np.sqrt(sums[name] / counts[name]) for name in sums}
+                total = sums.setdefault(name, [0, 0.0, 0.0])
+                total[0] += flat.shape[0]
+                total[1] = total[1] + flat.sum(axis=0)
+                total[2] = total[2] + (flat.T @ flat if outer else (flat ** 2).sum(axis=0))
+    return sums
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -17,10 +17,10 @@ in the block's Reshapes are rewritten; -1 and run-time shapes need nothing.
 
 Every pruned block is checked by running `sample`: the pruned model must equal the dense model
 with the removed heads' output rows zeroed; a block that does not (a layout this walk misreads)
-is left dense, with the reason in the details. Scores: with calibration data, per head the norm
-of its contribution to the output projection (RMS of each of its channels there x the norm of the
-row it feeds); without, the norms of its value columns x its output rows. Fused QKV projections
-are left alone (reason given).
+is left dense, with the reason in the details. Which heads: with calibration data, those greedy
+Optimal Brain Surgeon keeps on the covariance of the output projection's input (heads as blocks
+of channels; gkp_onnx.structured.obs_kept); without, the best by the norms of their value columns
+x their output rows. Fused QKV projections are left alone (reason given).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import initializer_map, reduction_axis
+from gkp_onnx.graph import initializer_map, output_bias, reduction_axis
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
+from gkp_onnx.structured import obs_kept
 from gkp_onnx.validate import Dataset, make_session, run_model, with_outputs
 
 PATH_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Tile", "Expand", "Mul", "Div", "Add", "Sub", "Neg",
@@ -74,11 +75,11 @@ class PruneHeads(Pass):
     name = "prune_heads"
     in_place = True  # edits the model's weights in place
 
-    def __init__(self, ratio: float, sample: Dataset, exclude=(), activation_rms: dict[str, np.ndarray] | None = None):
+    def __init__(self, ratio: float, sample: Dataset, exclude=(), covariances: dict[str, np.ndarray] | None = None):
         self.ratio = ratio
         self.sample = sample  # a few inputs: the run that gives head counts, and the check of each block
         self.exclude = list(exclude)
-        self.activation_rms = activation_rms or {}  # the output projection's input tensor -> RMS per channel
+        self.covariances = covariances or {}  # the output projection's input tensor -> covariance of its channels
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         blocks, skipped = attention_blocks(model, self.sample, self.exclude)
@@ -90,8 +91,7 @@ class PruneHeads(Pass):
             keep = kept_units(block.units, self.ratio)
             if keep >= block.units:
                 continue
-            units = np.sort(np.argsort(-self._scores(block, initializers), kind="stable")[:keep])
-            edits.append((block, units))
+            edits.append((block, self._kept(block, keep, initializers)))
         masked = _masked(dense, edits)
         for block, units in edits:
             _prune(model, block, units, initializers)
@@ -122,19 +122,18 @@ class PruneHeads(Pass):
         return PassResult(model, plan, modified=bool(edits),
                           details={"heads": pruned, "head_orders": orders, "heads_skipped": skipped})
 
-    def _scores(self, block: AttentionBlock, initializers) -> np.ndarray:
-        """One score per unit (a key/value head and its query heads)."""
+    def _kept(self, block: AttentionBlock, keep: int, initializers) -> np.ndarray:
+        """The `keep` units (a key/value head and its query heads) to keep, sorted."""
         rows = _rows(block.output, initializers)  # [H * value_width, D]
-        contribution = np.linalg.norm(rows, axis=1)
-        rms = self.activation_rms.get(block.output.input[0])
-        if rms is not None:
-            contribution = contribution * rms
-        else:
-            values = np.linalg.norm(_columns_of(block.value, initializers), axis=0)  # [H_kv * value_width]
-            per = block.heads // block.kv_heads
-            contribution = contribution * np.repeat(values.reshape(block.kv_heads, -1), per, axis=0).reshape(-1)
-        heads = np.sqrt((contribution.reshape(block.heads, -1) ** 2).sum(axis=1))
-        return heads.reshape(block.kv_heads, -1).sum(axis=1)
+        covariance = self.covariances.get(block.output.input[0])
+        if covariance is not None:
+            return obs_kept(covariance, rows, keep, unit=rows.shape[0] // block.kv_heads)
+        values = np.linalg.norm(_columns_of(block.value, initializers), axis=0)  # [H_kv * value_width]
+        per = block.heads // block.kv_heads
+        contribution = np.linalg.norm(rows, axis=1) * np.repeat(values.reshape(block.kv_heads, -1), per,
+                                                                axis=0).reshape(-1)
+        score = np.sqrt((contribution.reshape(block.kv_heads, -1) ** 2).sum(axis=1))
+        return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
 def kept_units(units: int, ratio: float) -> int:
@@ -332,19 +331,6 @@ def _run_shapes(model: onnx.ModelProto, names: list[str], sample: Dataset) -> di
     return {o.name: list(v.shape) for o, v in zip(session.get_outputs(), values)}
 
 
-def _bias(node, readers, initializers, width: int) -> str | None:
-    """The per-channel bias of a projection (Gemm's C, or an Add of a [width] constant), if any."""
-    if node.op_type == "Gemm":
-        return node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
-    adds = readers[node.output[0]]
-    if len(adds) == 1 and adds[0].op_type == "Add":
-        other = [t for t in adds[0].input if t != node.output[0]]
-        if len(other) == 1 and other[0] in initializers and list(initializers[other[0]].dims) == [width] \
-                and len(readers[other[0]]) == 1:
-            return other[0]
-    return None
-
-
 def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list[tuple[str, int, int, str]]:
     """(node, input slot, element, what) for every constant in the block's Reshape/Expand shapes that
     spells a head count ("heads", "kv_heads") or a merged width ("merged_q", "merged_v")."""
@@ -383,15 +369,11 @@ def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list
 
 def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -> None:
     """Remove the heads outside `units` from `block` in `model` (weights, biases, shape constants)."""
-    readers = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name].append(node)
     query = block.query_heads(units)
     for node, heads, width in ((block.query, query, block.key_width), (block.key, units, block.key_width),
                                (block.value, units, block.value_width)):
         columns = _columns(heads, width)
-        bias = _bias(node, readers, initializers, _width(node, initializers))
+        bias = output_bias(model, node, initializers)
         take_channels(initializers[node.input[1]], columns, _out_axis(node, initializers))
         if bias is not None:
             take_channels(initializers[bias], columns, 0)

@@ -8,9 +8,10 @@ The regions are those the N:M permutation reorders (gkp_onnx.nm_permutation.find
 channels written by MatMul/Gemm with constant weights (with their biases), carried through
 element-wise ops (GELU, also decomposed into Div/Erf/Add/Mul; SiLU; a SwiGLU gate * up) with
 per-channel or scalar constants, and read only by MatMul/Gemm with constant weights. S keeps
-round((1 - R) * F) neurons, a multiple of ROUND_TO, the best by score: with calibration data, the
-RMS of neuron j's activation (padding positions left out) times the L2 norm of the rows it feeds;
-without, the norms of the weights that write it times those it feeds. The kept neurons compute
+round((1 - R) * F) neurons, a multiple of ROUND_TO: with calibration data, those greedy Optimal
+Brain Surgeon keeps on the covariance of the neurons' activations and the rows they feed
+(gkp_onnx.structured.obs_kept: the output error after the refit, padding positions left out);
+without, the best by the norms of the weights that write each neuron times those it reads. The kept neurons compute
 exactly what they did; every tensor outside the regions keeps its shape. With --reconstruct, the
 consumers' weights are refit to the dense model's outputs (reconstruct_nm, dense masks).
 """
@@ -26,6 +27,7 @@ from gkp_onnx.graph import initializer_map, reduction_axis
 from gkp_onnx.nm_permutation import channel_rows, find_region, take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
+from gkp_onnx.structured import obs_kept
 
 ROUND_TO = 16  # kept neurons: a multiple of this (CPU GEMM kernels work in such blocks)
 
@@ -34,10 +36,10 @@ class PruneNeurons(Pass):
     name = "prune_neurons"
     in_place = True  # edits the model's weights in place
 
-    def __init__(self, ratio: float, exclude=(), activation_rms: dict[str, np.ndarray] | None = None):
+    def __init__(self, ratio: float, exclude=(), covariances: dict[str, np.ndarray] | None = None):
         self.ratio = ratio
         self.exclude = list(exclude)
-        self.activation_rms = activation_rms or {}  # a consumer's input tensor -> RMS per channel
+        self.covariances = covariances or {}  # a consumer's input tensor -> covariance of its channels
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         regions = ffn_regions(model, self.exclude)
@@ -48,18 +50,16 @@ class PruneNeurons(Pass):
             keep = kept_neurons(width, self.ratio)
             if keep >= width:
                 continue
-            score = np.zeros(width)
-            for consumer, axis in region.consumers:  # the rows each neuron feeds
-                score += _norms(numpy_helper.to_array(initializers[consumer.input[1]]), axis) ** 2
-            score = np.sqrt(score)
-            if tensor in self.activation_rms:
-                score *= self.activation_rms[tensor]
+            fed = np.concatenate([channel_rows(numpy_helper.to_array(initializers[consumer.input[1]]), axis).T
+                                  for consumer, axis in region.consumers], axis=1)  # [F, the rows each feeds]
+            if tensor in self.covariances:
+                kept = obs_kept(self.covariances[tensor], fed, keep)
             else:
                 written = np.zeros(width)
                 for source, axis in region.sources:
                     written += _norms(numpy_helper.to_array(initializers[source.input[1]]), axis) ** 2
-                score *= np.sqrt(written)
-            kept = np.sort(np.argsort(-score, kind="stable")[:keep])
+                score = np.linalg.norm(fed.astype(np.float64), axis=1) * np.sqrt(written)
+                kept = np.sort(np.argsort(-score, kind="stable")[:keep])
             for node, axis in region.sources + region.consumers:
                 take_channels(initializers[node.input[1]], kept, axis)
             for name in region.constants:

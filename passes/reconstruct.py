@@ -31,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
-from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, permuted
+from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted
 from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
@@ -244,7 +244,7 @@ class ReconstructNm(Pass):
             if (len(order) if order is not None else reference_view[1].shape[1]) != view[1].shape[1]:
                 continue
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding)
-            bias = _output_bias(model, node, initializers) if self.intercept else None
+            bias = output_bias(model, node, initializers) if self.intercept else None
             errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]],
                                        initializers.get(bias))
         return PassResult(model, plan, modified=bool(errors), details={"reconstruction": errors})
@@ -343,23 +343,6 @@ class ReconstructNm(Pass):
         it beats the magnitude-masked weight it replaces."""
         optimum = _ridge_solve(gram, cross, self.ridge)
         return _better_columns(weight, sparsegpt_nm(optimum, gram, self.n, self.m), gram, cross, energy)
-
-
-def _output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict) -> str | None:
-    """The initializer added to the layer's output, one value per output channel, read by nothing
-    else: Gemm's C, or the constant of the only Add reading a MatMul's output."""
-    readers = [n for n in model.graph.node if any(name in n.input for name in node.output)]
-    if node.op_type == "Gemm":
-        name = node.input[2] if len(node.input) > 2 and node_attr(node, "beta", 1.0) == 1.0 else ""
-    elif len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in {o.name for o in model.graph.output}:
-        name = next((n for n in readers[0].input if n != node.output[0]), "")
-    else:
-        return None
-    if name not in initializers or sum(name in n.input for n in model.graph.node) != 1:
-        return None
-    dims = list(initializers[name].dims)
-    width = initializers[node.input[1]].dims[0 if node.op_type == "Gemm" and node_attr(node, "transB", 0) else -1]
-    return name if dims and dims[-1] == width and int(np.prod(dims)) == width else None
 
 
 def _linear_view(node: onnx.NodeProto, initializers: dict):

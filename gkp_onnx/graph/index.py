@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import NamedTuple
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -70,3 +71,18 @@ def clear_marks(model: onnx.ModelProto) -> None:
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers by name (the protos themselves: editing one edits the graph)."""
     return {t.name: t for t in graph.initializer}
+def output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict) -> str | None:
+    """The initializer added to the layer's output, one value per output channel, read by nothing
+    else: Gemm's C, or the constant of the only Add reading a MatMul's output."""
+    readers = [n for n in model.graph.node if any(name in n.input for name in node.output)]
+    if node.op_type == "Gemm":
+        name = node.input[2] if len(node.input) > 2 and node_attr(node, "beta", 1.0) == 1.0 else ""
+    elif len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in {o.name for o in model.graph.output}:
+        name = next((n for n in readers[0].input if n != node.output[0]), "")
+    else:
+        return None
+    if name not in initializers or sum(name in n.input for n in model.graph.node) != 1:
+        return None
+    dims = list(initializers[name].dims)
+    width = initializers[node.input[1]].dims[0 if node.op_type == "Gemm" and node_attr(node, "transB", 0) else -1]
+    return name if dims and dims[-1] == width and int(np.prod(dims)) == width else None
