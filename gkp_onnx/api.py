@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from gkp_onnx.bench import bench
 from gkp_onnx.cache import cache_dir
 from gkp_onnx.choice import GroupScore
 from gkp_onnx.cost import AnalyticCpuCost, CostModel, MeasuredCost, nchwc_block_size
@@ -36,7 +37,8 @@ from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
-from gkp_onnx.passes.prune_heads import PruneHeads, head_inputs
+from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, head_inputs
+from gkp_onnx.passes.structured_budget import StructuredBudget
 from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -127,9 +129,11 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
-    if opts.ffn_ratio or opts.head_ratio:
+    structured = opts.ffn_ratio or opts.head_ratio or opts.target_speedup
+    if structured:
         start = time.perf_counter()
         optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs)
+        allocation = details.get("allocation")  # a rebuild keeps what the budget chose
         timings["prune_transformer"] = time.perf_counter() - start
     nm_result = None
     check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
@@ -141,7 +145,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
                                             details.get("neuron_orders"))
         timings["nm_sparsify"] = time.perf_counter() - start
     if not plan.layers and not (nm_result and nm_result.layers) and not details.get("neurons") \
-            and not details.get("heads") and (opts.ratio > 0 or opts.nm or opts.ffn_ratio or opts.head_ratio):
+            and not details.get("heads") and (opts.ratio > 0 or opts.nm or structured):
         raise GkpError("nothing to optimize: " + _nothing_done(plan, nm_result, opts))
     latency = None
     if opts.bench_batches:  # latency is measured, never assumed: slower layers are reverted
@@ -151,8 +155,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
             nonlocal nm_result
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
-            if opts.ffn_ratio or opts.head_ratio:
-                rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs)
+            if structured:
+                rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs, allocation)
             if opts.nm:  # the report describes the model returned: the N:M result of this build
                 rebuilt, nm_result = _nm_sparsity(rebuilt, opts, patterns, data, working, budget,
                                                   details.get("neuron_orders"))
@@ -171,7 +175,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes,
                     neurons=details.get("neurons", []), heads=details.get("heads", []),
-                    heads_skipped=details.get("heads_skipped", []))
+                    heads_skipped=details.get("heads_skipped", []), structured_budget=details.get("structured_budget"))
     if nm_result:
         nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
@@ -216,31 +220,53 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
 
 def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
                        data: Dataset | None, original: onnx.ModelProto, details: dict,
-                       specs: list[InputSpec]) -> onnx.ModelProto:
-    """Attention heads and / or feed-forward neurons removed [-> the layers that read them refit
-    towards `original`'s outputs]."""
+                       specs: list[InputSpec], allocation: dict | None = None) -> onnx.ModelProto:
+    """Attention heads and / or feed-forward neurons removed (by the ratios, or per block as the
+    budget for --target-speedup allocates them) [-> the layers that read them refit towards
+    `original`'s outputs]."""
+    heads, neurons = bool(opts.head_ratio or opts.target_speedup), bool(opts.ffn_ratio or opts.target_speedup)
     covariances = {}
     if data is not None:  # calibration-aware choice: the covariance of the channels the pruned units feed
-        tensors = {tensor: -1 for tensor, _ in ffn_regions(model, patterns)} if opts.ffn_ratio else {}
-        tensors.update({tensor: -1 for tensor in head_inputs(model, patterns)} if opts.head_ratio else {})
+        tensors = {tensor: -1 for tensor, _ in ffn_regions(model, patterns)} if neurons else {}
+        tensors.update({tensor: -1 for tensor in head_inputs(model, patterns)} if heads else {})
         covariances = channel_covariances(model, tensors, data)
+    sample = Dataset({name: value[:HEAD_CHECK_ROWS] for name, value in data.inputs.items()}) if data \
+        else random_dataset(specs, opts.seed, batch=HEAD_CHECK_ROWS if _dynamic_batch(model) else None)
     found: dict = {}
     plan = Plan(ratio=0.0, method="structured", seed=opts.seed)
-    passes: list[Pass] = []
-    if opts.head_ratio:
-        sample = Dataset({name: value[:HEAD_CHECK_ROWS] for name, value in data.inputs.items()}) if data \
-            else random_dataset(specs, opts.seed, batch=HEAD_CHECK_ROWS if _dynamic_batch(model) else None)
-        passes.append(PruneHeads(opts.head_ratio, sample, patterns, covariances))
-    if opts.ffn_ratio:
-        passes.append(PruneNeurons(opts.ffn_ratio, patterns, covariances))
-    model, _ = run_passes(passes, model, plan, found, keep=True)
+    chosen = {name: covariance for name, (_, covariance) in covariances.items()}
+
+    def pruning(allocation: dict | None) -> list[Pass]:
+        keep = allocation or {"heads": {}, "neurons": {}}
+        return ([PruneHeads(opts.head_ratio or 0.0, sample, patterns, chosen, keep["heads"])] if heads else []) \
+            + ([PruneNeurons(opts.ffn_ratio or 0.0, patterns, chosen, keep["neurons"])] if neurons else [])
+
+    if opts.target_speedup and allocation is None:
+        stats = model_stats(model, specs)
+        provider, batch = opts.bench_providers[0], opts.bench_batches[0] if opts.bench_batches else specs[0].shape[0]
+
+        def measure(trial_allocation: dict) -> float:
+            trial, _ = run_passes(pruning(trial_allocation), model, plan, {}, keep=True)
+            timings = bench([original, trial], batches=[batch], providers=[provider], threads=opts.bench_threads,
+                            input_shapes=opts.input_shapes, repeats=opts.bench_repeats,
+                            min_time_s=opts.bench_min_time_s, seed=opts.seed)
+            return timings[1].speedup
+
+        blocks = attention_blocks(model, sample, patterns)[0]
+        budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, ffn_regions(model, patterns),
+                                  stats.node_macs, stats.macs, measure)
+        _, _ = run_passes([budget], model, plan, found)
+        allocation = found["allocation"]
+        details["allocation"], details["structured_budget"] = allocation, found["structured_budget"]
+    model, _ = run_passes(pruning(allocation), model, plan, found, keep=True)
     details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
     details["heads_skipped"] = found.get("heads_skipped", [])
     details["neuron_orders"] = {**found.get("output_orders", {}), **found.get("head_orders", {})}
     layers = [name for region in details["neurons"] for name in region["consumers"]] \
         + [block["output"] for block in details["heads"]]
     if opts.reconstruct and layers:
-        model, _ = run_passes([ReconstructNm(original, data, layers, intercept=True)], model, plan, found)
+        model, _ = run_passes([ReconstructNm(original, data, layers, intercept=True, residual=True)], model, plan,
+                              found)
         details.setdefault("reconstruction", {}).update(
             {f"{name} (structured)": errors for name, errors in found["reconstruction"].items()})
     return model

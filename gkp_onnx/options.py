@@ -70,6 +70,7 @@ RULES = {
     "ratio": Rule(0, 1, high_open=True),
     "ffn_ratio": Rule(0, 1, high_open=True, optional=True),
     "head_ratio": Rule(0, 1, high_open=True, optional=True),
+    "target_speedup": Rule(1, 10, low_open=True, optional=True),
     "groups": Rule(1, integer=True, optional=True, expected="a positive integer or 'auto'"),
     "seed": Rule(0, SEED_LIMIT, high_open=True, integer=True, expected="an integer in [0, 2**32)"),
     "min_group_width": _COUNT,
@@ -219,6 +220,7 @@ class OptimizeOptions:
     bench_min_time_s: float = 1.0  # more rounds until the timed ones last this long per batch
     ffn_ratio: float | None = None  # share of transformer feed-forward neurons removed (passes/prune_neurons.py)
     head_ratio: float | None = None  # share of transformer attention heads removed (passes/prune_heads.py)
+    target_speedup: float | None = None  # transformers: heads and neurons per block for this measured speed-up
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -230,6 +232,12 @@ class OptimizeOptions:
         check("ratio", self.ratio)
         check("ffn_ratio", self.ffn_ratio)
         check("head_ratio", self.head_ratio)
+        check("target_speedup", self.target_speedup)
+        if self.target_speedup is not None and not self.calib:
+            raise GkpError("--target-speedup measures each block's damage on calibration data: give --calib data.npz")
+        if self.target_speedup is not None and (self.ffn_ratio is not None or self.head_ratio is not None):
+            raise GkpError("--target-speedup chooses the heads and neurons each block keeps: give it or "
+                           "--ffn-ratio / --head-ratio, not both")
         if self.method not in SELECTION_METHODS:
             raise GkpError(f"unknown --method {self.method!r} (choose from {', '.join(SELECTION_METHODS)})")
         if self.nm is not None:

@@ -39,6 +39,7 @@ class Report:
     neurons: list[dict] = field(default_factory=list)  # prune_neurons: per feed-forward block, neurons and kept
     heads: list[dict] = field(default_factory=list)  # prune_heads: per attention block, heads and kept
     heads_skipped: list[tuple[str, str]] = field(default_factory=list)  # (output projection, why left whole)
+    structured_budget: dict | None = None  # --target-speedup: the target, what was measured, the damage table
 
     @property
     def passed(self) -> bool:
@@ -91,7 +92,11 @@ class Report:
             "neurons": self.neurons,
             "heads": self.heads,
             "heads_skipped": [{"node": node, "reason": reason} for node, reason in self.heads_skipped],
+            "structured_budget": self.structured_budget,
         }
+
+    def _structured_flag(self, ratio_flag: str) -> str:
+        return " (--target-speedup: per block)" if self.structured_budget else f" ({ratio_flag})"
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON report atomically."""
@@ -126,14 +131,19 @@ class Report:
             kept = sorted({(block["kept"], block["neurons"]) for block in self.neurons})
             verb = "blocks keep" if len(self.neurons) > 1 else "block keeps"
             lines.append(f"feed-forward neurons: {len(self.neurons)} {verb} "
-                         + ", ".join(f"{k} of {n}" for k, n in kept) + " (--ffn-ratio)")
+                         + ", ".join(f"{k} of {n}" for k, n in kept) + self._structured_flag("--ffn-ratio"))
         if self.heads:
             kept = sorted({(block["kept"], block["heads"]) for block in self.heads})
             verb = "blocks keep" if len(self.heads) > 1 else "block keeps"
             lines.append(f"attention heads: {len(self.heads)} {verb} "
-                         + ", ".join(f"{k} of {n}" for k, n in kept) + " (--head-ratio)")
+                         + ", ".join(f"{k} of {n}" for k, n in kept) + self._structured_flag("--head-ratio"))
         for node, reason in self.heads_skipped:
             lines.append(f"attention heads kept in {node}: {reason}")
+        if self.structured_budget:
+            budget = self.structured_budget
+            verdict = "met" if budget["met"] else "MISSED (the deepest allocation tried is kept)"
+            lines.append(f"--target-speedup {budget['target_speedup']:g}: measured {budget['speedup']:.2f}x at MACs "
+                         f"x{budget['macs']:.3f}, {verdict}; {len(budget['rounds'])} measured allocation(s)")
         if self.nm is not None:
             lines += self._nm_table()
         lines += ["", f"{'':<12} {'before':>12} {'after':>12} {'after/before':>13}"]

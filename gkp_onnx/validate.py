@@ -30,6 +30,7 @@ from gkp_onnx.options import MAX_ELEMENTS, check
 
 RANDOM_BATCH = 8
 RUN_BATCH = 64
+CUT_BATCH = 16  # samples per run when runs are cut after their last token: less padding per batch
 # an input of this name, [batch, sequence], marks padding tokens with 0 (the Hugging Face convention)
 PADDING_INPUT = "attention_mask"
 
@@ -199,6 +200,7 @@ def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH
 
 def _batch_rows(session: ort.InferenceSession, data: Dataset, batch: int, sequence: str | None) -> list[np.ndarray]:
     fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    batch = min(batch, CUT_BATCH) if sequence is not None else batch
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
     if len(data) % step and step != batch:
         raise GkpError(f"the model's batch size is fixed at {step}; the data's {len(data)} samples "
@@ -377,13 +379,12 @@ def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) 
     return {name: np.sqrt(squares / count) for name, (count, _, squares) in _channel_sums(model, tensors, data).items()}
 
 
-def channel_covariances(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
-    """Covariance matrix of the channels of the named tensors over `data` (tensor -> channel axis;
-    padding positions left out), times the number of rows: X_c^T X_c with X_c the centred rows."""
-    covariances = {}
-    for name, (count, sums, outer) in _channel_sums(model, tensors, data, outer=True).items():
-        covariances[name] = outer - np.outer(sums, sums) / count
-    return covariances
+def channel_covariances(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(mean, covariance x rows) of the channels of the named tensors over `data` (tensor -> channel
+    axis; padding positions left out): the covariance part is X_c^T X_c with X_c the centred rows."""
+    return {name: (sums / count, outer - np.outer(sums, sums) / count)
+            for name, (count, sums, outer) in _channel_sums(model, tensors, data, outer=True).items()}
 
 
 def _channel_sums(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset, outer: bool = False) -> dict:

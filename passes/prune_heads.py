@@ -25,7 +25,6 @@ x their output rows. Fused QKV projections are left alone (reason given).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from gkp_onnx.graph import initializer_map, output_bias, reduction_axis
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
-from gkp_onnx.structured import obs_kept
+from gkp_onnx.structured import kept_units, obs_kept
 from gkp_onnx.validate import Dataset, make_session, run_model, with_outputs
 
 PATH_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Tile", "Expand", "Mul", "Div", "Add", "Sub", "Neg",
@@ -56,6 +55,7 @@ class AttentionBlock:
     value: onnx.NodeProto
     output: onnx.NodeProto
     path: list[onnx.NodeProto] = field(default_factory=list)  # nodes between the projections and the output
+    core: tuple[str, str] = ("", "")  # the Q K^T and P V MatMuls' names
     heads: int = 0
     kv_heads: int = 0
     key_width: int = 0
@@ -75,8 +75,10 @@ class PruneHeads(Pass):
     name = "prune_heads"
     in_place = True  # edits the model's weights in place
 
-    def __init__(self, ratio: float, sample: Dataset, exclude=(), covariances: dict[str, np.ndarray] | None = None):
+    def __init__(self, ratio: float, sample: Dataset, exclude=(), covariances: dict[str, np.ndarray] | None = None,
+                 keep: dict[str, int] | None = None):
         self.ratio = ratio
+        self.keep = keep or {}  # output projection -> key/value groups it keeps (else by `ratio`)
         self.sample = sample  # a few inputs: the run that gives head counts, and the check of each block
         self.exclude = list(exclude)
         self.covariances = covariances or {}  # the output projection's input tensor -> covariance of its channels
@@ -88,7 +90,7 @@ class PruneHeads(Pass):
         initializers = initializer_map(model.graph)
         pruned, orders, edits = [], {}, []
         for block in blocks:
-            keep = kept_units(block.units, self.ratio)
+            keep = self.keep.get(block.output.name, kept_units(block.units, self.ratio))
             if keep >= block.units:
                 continue
             edits.append((block, self._kept(block, keep, initializers)))
@@ -136,11 +138,6 @@ class PruneHeads(Pass):
         return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
-def kept_units(units: int, ratio: float) -> int:
-    """Heads (or key/value groups) kept of `units` at `ratio`: at least one."""
-    return max(1, min(units, math.ceil(round((1 - ratio) * units, 9))))
-
-
 def head_inputs(model: onnx.ModelProto, exclude=()) -> list[str]:
     """The tensors the output projections of attention blocks read (where the heads' scores are measured)."""
     return [block.output.input[0] for block, _, _ in _attention_cores(model, exclude)[0]]
@@ -183,7 +180,8 @@ def _attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
         if len({query.name, key.name, value.name}) < 3:
             skipped.append((where, "fused Q/K/V projection (not supported yet)"))
             continue
-        found.append((AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge), qk, pv))
+        found.append((AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge, (qk.name, pv.name)),
+                      qk, pv))
     return found, skipped
 
 
@@ -430,7 +428,8 @@ def _same_block(model: onnx.ModelProto, block: AttentionBlock) -> AttentionBlock
     """`block` with its nodes looked up in `model` (a copy of the model it was found in)."""
     nodes = {n.name: n for n in model.graph.node}
     twin = AttentionBlock(*(nodes[n.name] for n in (block.query, block.key, block.value, block.output)),
-                          path=[nodes[n.name] for n in block.path], heads=block.heads, kv_heads=block.kv_heads,
+                          path=[nodes[n.name] for n in block.path], core=block.core, heads=block.heads,
+                          kv_heads=block.kv_heads,
                           key_width=block.key_width, value_width=block.value_width, shape_edits=block.shape_edits)
     return twin
 

@@ -8,7 +8,7 @@ The regions are those the N:M permutation reorders (gkp_onnx.nm_permutation.find
 channels written by MatMul/Gemm with constant weights (with their biases), carried through
 element-wise ops (GELU, also decomposed into Div/Erf/Add/Mul; SiLU; a SwiGLU gate * up) with
 per-channel or scalar constants, and read only by MatMul/Gemm with constant weights. S keeps
-round((1 - R) * F) neurons, a multiple of ROUND_TO: with calibration data, those greedy Optimal
+round((1 - R) * F) neurons, a multiple of structured.ROUND_TO: with calibration data, those greedy Optimal
 Brain Surgeon keeps on the covariance of the neurons' activations and the rows they feed
 (gkp_onnx.structured.obs_kept: the output error after the refit, padding positions left out);
 without, the best by the norms of the weights that write each neuron times those it reads. The kept neurons compute
@@ -18,7 +18,6 @@ consumers' weights are refit to the dense model's outputs (reconstruct_nm, dense
 
 from __future__ import annotations
 
-import math
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -27,17 +26,16 @@ from gkp_onnx.graph import initializer_map, reduction_axis
 from gkp_onnx.nm_permutation import channel_rows, find_region, take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
-from gkp_onnx.structured import obs_kept
-
-ROUND_TO = 16  # kept neurons: a multiple of this (CPU GEMM kernels work in such blocks)
-
+from gkp_onnx.structured import kept_neurons, obs_kept
 
 class PruneNeurons(Pass):
     name = "prune_neurons"
     in_place = True  # edits the model's weights in place
 
-    def __init__(self, ratio: float, exclude=(), covariances: dict[str, np.ndarray] | None = None):
+    def __init__(self, ratio: float, exclude=(), covariances: dict[str, np.ndarray] | None = None,
+                 keep: dict[str, int] | None = None):
         self.ratio = ratio
+        self.keep = keep or {}  # the tensor a block's consumers read -> neurons it keeps (else by `ratio`)
         self.exclude = list(exclude)
         self.covariances = covariances or {}  # a consumer's input tensor -> covariance of its channels
 
@@ -47,7 +45,7 @@ class PruneNeurons(Pass):
         pruned, orders = [], {}  # orders: per source MatMul/Gemm, the original output channels it keeps
         for tensor, region in regions:
             width = initializers[region.consumers[0][0].input[1]].dims[region.consumers[0][1]]
-            keep = kept_neurons(width, self.ratio)
+            keep = self.keep.get(tensor, kept_neurons(width, self.ratio))
             if keep >= width:
                 continue
             fed = np.concatenate([channel_rows(numpy_helper.to_array(initializers[consumer.input[1]]), axis).T
@@ -96,10 +94,3 @@ def ffn_regions(model: onnx.ModelProto, exclude=()) -> list:
 def _norms(weight: np.ndarray, axis: int) -> np.ndarray:
     """L2 norm of the weights of each channel along `axis`."""
     return np.linalg.norm(channel_rows(weight.astype(np.float64), axis), axis=0)
-
-
-def kept_neurons(width: int, ratio: float) -> int:
-    """Neurons kept of `width` at `ratio`: (1 - ratio) * width rounded up to a multiple of ROUND_TO
-    (all of them when that is not less)."""
-    keep = math.ceil(round((1 - ratio) * width / ROUND_TO, 9)) * ROUND_TO
-    return min(width, max(ROUND_TO, keep))

@@ -213,7 +213,8 @@ class ReconstructNm(Pass):
 
     def __init__(self, original: onnx.ModelProto, data: Dataset, layers: list[str],
                  output_orders: dict[str, np.ndarray] | None = None, ridge: float = 1e-3,
-                 method: str = "refit", nm: tuple[int, int] = (2, 4), intercept: bool = False):
+                 method: str = "refit", nm: tuple[int, int] = (2, 4), intercept: bool = False,
+                 residual: bool = False):
         require_torch("reconstruction (--reconstruct)")
         if method not in ("refit", "sparsegpt"):  # per-column least squares on the mask given / SparseGPT
             raise ValueError(f"unknown N:M update {method!r}")
@@ -225,6 +226,7 @@ class ReconstructNm(Pass):
         self.method = method
         self.n, self.m = nm
         self.intercept = intercept  # also refit the layer's output bias (MatMul + Add, Gemm C) when it has one
+        self.residual = residual  # a layer added to a residual stream also makes up for the stream's drift
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         errors = {}  # layer -> (output MSE before, after)
@@ -243,8 +245,11 @@ class ReconstructNm(Pass):
             order = self.output_orders.get(name)  # prune_neurons may have removed columns, or rows (the inputs)
             if (len(order) if order is not None else reference_view[1].shape[1]) != view[1].shape[1]:
                 continue
-            pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding)
             bias = output_bias(model, node, initializers) if self.intercept else None
+            stream = _residual_stream(model, node, bias) if self.residual else None
+            drift = (zip(dense.values(stream), sparse.values(stream)) if stream else
+                     iter(lambda: (None, None), 0))
+            pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding, drift)
             errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]],
                                        initializers.get(bias))
         return PassResult(model, plan, modified=bool(errors), details={"reconstruction": errors})
@@ -262,9 +267,11 @@ class ReconstructNm(Pass):
         dim = weight.shape[0]
         gram, cross, energy = np.zeros((dim, dim)), np.zeros(weight.shape), np.zeros(weight.shape[1])
         samples, row_sum, target_sum = 0, np.zeros(dim), np.zeros(weight.shape[1])
-        for x, x_original, padding in pairs:
+        for x, x_original, padding, (stream, stream_now) in pairs:
             rows = features(x)
             target = reference_features(x_original) @ target_weight
+            if stream is not None:  # the residual stream this layer is added to: what it lost so far
+                target = target + torch.from_numpy((stream - stream_now).reshape(target.shape).astype(np.float32))
             tokens = token_rows(padding, x.shape) if node.op_type == "MatMul" else None
             if tokens is not None:  # padding positions are not calibration data
                 rows, target = rows[torch.from_numpy(tokens)], target[torch.from_numpy(tokens)]
@@ -343,6 +350,20 @@ class ReconstructNm(Pass):
         it beats the magnitude-masked weight it replaces."""
         optimum = _ridge_solve(gram, cross, self.ridge)
         return _better_columns(weight, sparsegpt_nm(optimum, gram, self.n, self.m), gram, cross, energy)
+
+
+def _residual_stream(model: onnx.ModelProto, node: onnx.NodeProto, bias: str | None) -> str | None:
+    """The computed tensor the layer's output (after its bias Add) is added to, if it is."""
+    out = node.output[0]
+    readers = [n for n in model.graph.node if out in n.input]
+    if bias and node.op_type != "Gemm" and len(readers) == 1 and readers[0].op_type == "Add":
+        out = readers[0].output[0]
+        readers = [n for n in model.graph.node if out in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    initializers = {i.name for i in model.graph.initializer}
+    other = [name for name in readers[0].input if name != out]
+    return other[0] if len(other) == 1 and other[0] not in initializers else None
 
 
 def _linear_view(node: onnx.NodeProto, initializers: dict):

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli_error, run
 from gkp_onnx import optimize
 from gkp_onnx.cli import main
-from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, kept_units
+from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks
+from gkp_onnx.structured import kept_units
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Dataset
 

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli_error, run
 from gkp_onnx import optimize
 from gkp_onnx.cli import main
-from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions, kept_neurons
+from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
+from gkp_onnx.structured import kept_neurons
 from gkp_onnx.plan import Plan
 
 D, F = 32, 128

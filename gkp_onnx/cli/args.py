@@ -159,6 +159,10 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--head-ratio", type=float, metavar="R",
                        help="transformers: share of attention heads to remove, in [0, 1) (Q/K/V columns and output "
                             "projection rows per head; with grouped-query attention whole key/value groups)")
+    group.add_argument("--target-speedup", type=float, metavar="X",
+                       help="transformers, with --calib: remove the attention heads and feed-forward neurons that "
+                            "cost the least fidelity per MAC, block by block, until the model measures X times "
+                            "faster than the input (onnxruntime, the first --bench provider and batch)")
     group.add_argument("--min-group-width", type=option("min_group_width"), default=DEFAULTS.min_group_width,
                        help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
     group.add_argument("--speed-weight", type=option("speed_weight"), default=DEFAULTS.speed_weight,

@@ -1,0 +1,160 @@
+"""structured_budget: how many attention heads and feed-forward neurons each block keeps, for a
+target speed-up (--target-speedup X with --calib).
+
+1. Options: per attention block, keeping HEAD_LEVELS of its key/value groups; per feed-forward
+   block, NEURON_LEVELS of its neurons (multiples of structured.ROUND_TO). The MACs an option
+   saves are exact: those of the block's MatMuls scale with the units kept.
+2. Damage, measured at the model output on up to SAMPLES calibration samples: 1 - the lowest output
+   cosine to the dense model with that block alone at that level, its output rows compensated as
+   greedy Optimal Brain Surgeon leaves them (gkp_onnx.structured.obs_path; the output bias absorbs
+   the mean, as the refit's intercept will), every other block dense. The weights are inputs of
+   one onnxruntime session: each option is one run.
+3. Allocation: from all dense, repeatedly take the step (a block to a lower level) that adds the
+   least damage per MAC saved, until the MACs saved reach the share the target asks for.
+4. Measured, never assumed: `measure` times the model pruned so against the input; the MAC share
+   is scaled by the miss and the allocation redone, up to ROUNDS times. The allocation kept is the
+   least damaging one that met the target, else the fastest; the report says which and by how much.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias, reduction_axis
+from gkp_onnx.pipeline import Pass, PassResult
+from gkp_onnx.plan import Plan
+from gkp_onnx.structured import kept_neurons, kept_units, obs_path
+from gkp_onnx.validate import Dataset, fidelity, make_session, run_model
+
+HEAD_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.25)  # shares of a block's key/value groups an allocation may keep
+NEURON_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # shares of a block's neurons
+FIRST_GUESS = 1.25  # first MAC share tried: target ** -FIRST_GUESS (latency falls slower than MACs)
+SAMPLES = 64
+ROUNDS = 4
+
+
+class StructuredBudget(Pass):
+    name = "structured_budget"
+
+    def __init__(self, target: float, data: Dataset, covariances: dict, blocks: list, regions: list,
+                 macs: dict[str, int | None], total_macs: int, measure: Callable[[dict], float]):
+        self.target = target
+        self.data = data
+        self.covariances = covariances  # tensor -> (mean, covariance) of its channels
+        self.blocks = blocks  # prune_heads.AttentionBlock
+        self.regions = regions  # prune_neurons.ffn_regions: (tensor, Region)
+        self.macs = macs  # node -> MACs of the model as given
+        self.total_macs = total_macs
+        self.measure = measure  # {"heads": {...}, "neurons": {...}} -> measured speed-up
+
+    def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
+        options = self._options(model)
+        rounds, share = [], self.target ** -FIRST_GUESS
+        for _ in range(ROUNDS):
+            allocation, saved, damage = _allocate(options, self.total_macs * (1 - share))
+            speedup = self.measure(allocation)
+            rounds.append({"macs": 1 - saved / self.total_macs, "speedup": speedup, "damage": damage,
+                           "allocation": allocation})
+            deepest = all(len(levels) == 1 or allocation[kind][key] == levels[-1]["keep"]
+                          for (kind, key), levels in options.items())
+            if speedup >= self.target and (speedup < self.target * 1.05 or len(rounds) > 1) or deepest:
+                break
+            share *= speedup / self.target
+        met = [r for r in rounds if r["speedup"] >= self.target]
+        best = min(met, key=lambda r: r["damage"]) if met else max(rounds, key=lambda r: r["speedup"])
+        summary = {"target_speedup": self.target, "speedup": best["speedup"], "macs": best["macs"],
+                   "met": bool(met), "rounds": [{k: r[k] for k in ("macs", "speedup", "damage")} for r in rounds],
+                   "damage": {f"{kind} {key}": {level["keep"]: level["damage"] for level in levels}
+                              for (kind, key), levels in options.items()}}
+        return PassResult(model, plan, modified=False, details={"allocation": best["allocation"],
+                                                                "structured_budget": summary})
+
+    def _options(self, model: onnx.ModelProto) -> dict[tuple[str, str], list[dict]]:
+        """(kind, block) -> its levels, all dense first: {"keep", "saved" MACs, "damage"}."""
+        initializers = initializer_map(model.graph)
+        candidates = []  # (kind, key, covariance tensor, consumers, unit, units, kept counts, MACs)
+        for block in self.blocks:
+            names = [block.query.name, block.key.name, block.value.name, block.output.name, *block.core]
+            keeps = sorted({kept_units(block.units, 1 - f) for f in HEAD_LEVELS} - {block.units}, reverse=True)
+            candidates.append(("heads", block.output.name, block.output.input[0], [block.output],
+                               block.heads * block.value_width // block.units, block.units, keeps, names))
+        for tensor, region in self.regions:
+            consumers = [c for c, _ in region.consumers]
+            width = _fed_rows(consumers[0], initializers)[0].shape[0]
+            keeps = sorted({kept_neurons(width, 1 - f) for f in NEURON_LEVELS} - {width}, reverse=True)
+            names = [n.name for n, _ in region.sources] + [c.name for c in consumers]
+            candidates.append(("neurons", tensor, tensor, consumers, 1, width, keeps, names))
+        weights = sorted({name for c in candidates for node in c[3]
+                          for name in (node.input[1], output_bias(model, node, initializers)) if name})
+        session = make_session(initializers_as_inputs(model, weights))
+        names = [o.name for o in session.get_outputs()]
+        fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+        step = fixed if isinstance(fixed, int) and fixed > 0 else 1
+        sample = Dataset({k: v[:max(step, SAMPLES // step * step)] for k, v in self.data.inputs.items()},
+                         source=self.data.source)
+        dense = {name: numpy_helper.to_array(initializers[name]) for name in weights}
+        reference = run_model(session, sample, dense)
+        options = {}
+        for kind, key, tensor, consumers, unit, units, keeps, nodes in candidates:
+            levels = [{"keep": units, "saved": 0, "damage": 0.0}]
+            if tensor not in self.covariances or not keeps:
+                options[(kind, key)] = levels
+                continue
+            mean, covariance = self.covariances[tensor]
+            fed = [_fed_rows(node, initializers) for node in consumers]
+            rows = np.concatenate([r for r, _ in fed], axis=1)
+            macs = sum(self.macs.get(n) or 0 for n in nodes)
+            for keep, (_, compensated) in sorted(obs_path(covariance, rows, keeps, unit).items(), reverse=True):
+                feed, start = dict(dense), 0
+                for node, (part, restore) in zip(consumers, fed):
+                    new = compensated[:, start:start + part.shape[1]]
+                    feed[node.input[1]] = restore(new)
+                    bias = output_bias(model, node, initializers)
+                    if bias:  # the intercept: the mean the removed and changed rows contributed
+                        feed[bias] = (dense[bias] + (mean @ (part - new)).reshape(dense[bias].shape)
+                                      ).astype(dense[bias].dtype)
+                    start += part.shape[1]
+                cosine = fidelity(reference, run_model(session, sample, feed), names, sample).min_cosine
+                levels.append({"keep": keep, "saved": int(round(macs * (1 - keep / units))),
+                               "damage": max(0.0, 1.0 - cosine)})
+            options[(kind, key)] = levels
+        return options
+
+
+def _fed_rows(node: onnx.NodeProto, initializers) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A 2-D MatMul/Gemm weight as rows [input channels, outputs] (float64), and its inverse."""
+    weight = numpy_helper.to_array(initializers[node.input[1]])
+    axis = reduction_axis(node, 2)
+    rows = (weight if axis == 0 else weight.T).astype(np.float64)
+    return rows, lambda new: np.ascontiguousarray(new if axis == 0 else new.T).astype(weight.dtype)
+
+
+def _allocate(options: dict, needed: float) -> tuple[dict, int, float]:
+    """Levels saving at least `needed` MACs (or all the deepest), the cheapest in damage per MAC
+    first: ({"heads": {block: keep}, "neurons": {block: keep}}, MACs saved, summed damage)."""
+    at = {key: 0 for key in options}
+
+    def saved() -> int:
+        return sum(options[key][i]["saved"] for key, i in at.items())
+
+    while saved() < needed:
+        best = None
+        for key, levels in options.items():
+            here = levels[at[key]]
+            for j in range(at[key] + 1, len(levels)):
+                gain = levels[j]["saved"] - here["saved"]
+                if gain > 0:
+                    cost = max(levels[j]["damage"] - here["damage"], 0.0) / gain
+                    if best is None or cost < best[0]:
+                        best = (cost, key, j)
+        if best is None:
+            break
+        at[best[1]] = best[2]
+    allocation = {"heads": {}, "neurons": {}}
+    for (kind, key), i in at.items():
+        allocation[kind][key] = options[(kind, key)][i]["keep"]
+    return allocation, saved(), sum(options[key][i]["damage"] for key, i in at.items())
