@@ -28,7 +28,7 @@ from gkp_onnx.graph import (InputSpec, assumed_note, clear_marks, ensure_node_na
 from gkp_onnx.guard import never_slower, slower
 from gkp_onnx.model_io import check_finite, check_model, load_model
 from gkp_onnx.nm import NM_OPS, NmResult, nm_candidates, parse_nm, share_of_macs
-from gkp_onnx.options import OptimizeOptions
+from gkp_onnx.options import OptimizeOptions, check_targets, flag
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.passes.choose_groups import ChooseGroups
@@ -94,14 +94,31 @@ def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
-    """Prune every eligible Conv with Grouped Kernel Pruning (with ffn_ratio=R, remove transformer
-    feed-forward neurons; with nm="2:4", sparsify MatMul/Gemm weights N:M); return the new model
-    and its report.
+    """Prune every eligible Conv with Grouped Kernel Pruning (with ffn_ratio=R / head_ratio=R /
+    target_speedup=X, remove transformer feed-forward neurons and attention heads; with nm="2:4",
+    sparsify MatMul/Gemm weights N:M); return the new model and its report.
 
     `model` is never modified. Keyword options are the fields of `OptimizeOptions`
     (ratio, groups, method, exclude, seed, calib, nm, ...).
     """
-    opts = OptimizeOptions(**options)
+    return _optimize(model, OptimizeOptions(**options), {})
+
+
+def sweep(model: onnx.ModelProto | str | os.PathLike, targets, **options) -> list[tuple[onnx.ModelProto, Report]]:
+    """One analysis, a family: the model optimized for each target speed-up in `targets` (transformer
+    heads and neurons, with calib; see optimize's target_speedup). The damage of every block's
+    options is measured once and shared; each target is allocated, timed and refit on its own."""
+    targets = check_targets(targets)
+    for name in ("target_speedup", "ffn_ratio", "head_ratio"):
+        if options.get(name) is not None:
+            raise GkpError(f"sweep chooses the heads and neurons per target: {flag(name)} does not apply")
+    analysis: dict = {}
+    return [_optimize(model, OptimizeOptions(**{**options, "target_speedup": target}), analysis) for target in targets]
+
+
+def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions, analysis: dict
+              ) -> tuple[onnx.ModelProto, Report]:
+    """optimize; `analysis`: what a sweep measures once for all its targets (filled on first use)."""
     patterns = opts.checked()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -132,7 +149,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
     structured = opts.ffn_ratio or opts.head_ratio or opts.target_speedup
     if structured:
         start = time.perf_counter()
-        optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs)
+        optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs, analysis=analysis)
         allocation = details.get("allocation")  # a rebuild keeps what the budget chose
         timings["prune_transformer"] = time.perf_counter() - start
     nm_result = None
@@ -220,7 +237,8 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
 
 def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
                        data: Dataset | None, original: onnx.ModelProto, details: dict,
-                       specs: list[InputSpec], allocation: dict | None = None) -> onnx.ModelProto:
+                       specs: list[InputSpec], allocation: dict | None = None, analysis: dict | None = None
+                       ) -> onnx.ModelProto:
     """Attention heads and / or feed-forward neurons removed (by the ratios, or per block as the
     budget for --target-speedup allocates them) [-> the layers that read them refit towards
     `original`'s outputs]."""
@@ -253,9 +271,11 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
             return timings[1].speedup
 
         blocks = attention_blocks(model, sample, patterns)[0]
+        analysis = {} if analysis is None else analysis
         budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, ffn_regions(model, patterns),
-                                  stats.node_macs, stats.macs, measure)
+                                  stats.node_macs, stats.macs, measure, analysis.get("levels"))
         _, _ = run_passes([budget], model, plan, found)
+        analysis["levels"] = found["levels"]
         allocation = found["allocation"]
         details["allocation"], details["structured_budget"] = allocation, found["structured_budget"]
     model, _ = run_passes(pruning(allocation), model, plan, found, keep=True)

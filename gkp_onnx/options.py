@@ -131,6 +131,24 @@ def check_batches(values, name: str | None = "bench_batches") -> list[int]:
     return list(values)
 
 
+MAX_TARGETS = 16
+
+
+def check_targets(values) -> list[float]:
+    """sweep's target speed-ups: 1 to MAX_TARGETS distinct values, each a valid --target-speedup; sorted."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise GkpError(f"--targets: expected a list of speed-ups like 1.25,1.5,2, got {_text(values)}") from None
+    if not 1 <= len(values) <= MAX_TARGETS:
+        raise GkpError(f"--targets: give 1 to {MAX_TARGETS} speed-ups, got {len(values)}")
+    for value in values:
+        check("target_speedup", value)
+    if len(set(values)) != len(values):
+        raise GkpError("--targets: each speed-up once")
+    return sorted(values)
+
+
 def check_shape(name: str, shape) -> list[int]:
     """An --input-shape for input `name`: dims of at least 1, at most MAX_ELEMENTS elements in all."""
     try:

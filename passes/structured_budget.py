@@ -41,7 +41,8 @@ class StructuredBudget(Pass):
     name = "structured_budget"
 
     def __init__(self, target: float, data: Dataset, covariances: dict, blocks: list, regions: list,
-                 macs: dict[str, int | None], total_macs: int, measure: Callable[[dict], float]):
+                 macs: dict[str, int | None], total_macs: int, measure: Callable[[dict], float],
+                 levels: dict | None = None):
         self.target = target
         self.data = data
         self.covariances = covariances  # tensor -> (mean, covariance) of its channels
@@ -50,9 +51,10 @@ class StructuredBudget(Pass):
         self.macs = macs  # node -> MACs of the model as given
         self.total_macs = total_macs
         self.measure = measure  # {"heads": {...}, "neurons": {...}} -> measured speed-up
+        self.levels = levels  # the options measured before on this model (a sweep measures them once)
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
-        options = self._options(model)
+        options = self.levels if self.levels is not None else self._options(model)
         rounds, share = [], self.target ** -FIRST_GUESS
         for _ in range(ROUNDS):
             allocation, saved, damage = _allocate(options, self.total_macs * (1 - share))
@@ -71,7 +73,7 @@ class StructuredBudget(Pass):
                    "damage": {f"{kind} {key}": {level["keep"]: level["damage"] for level in levels}
                               for (kind, key), levels in options.items()}}
         return PassResult(model, plan, modified=False, details={"allocation": best["allocation"],
-                                                                "structured_budget": summary})
+                                                                "structured_budget": summary, "levels": options})
 
     def _options(self, model: onnx.ModelProto) -> dict[tuple[str, str], list[dict]]:
         """(kind, block) -> its levels, all dense first: {"keep", "saved" MACs, "damage"}."""

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from gkp_onnx.cli import bench, compare, demo, inspect, optimize, recover
+from gkp_onnx.cli import bench, compare, demo, inspect, optimize, recover, sweep
 from gkp_onnx.errors import GkpError
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in (optimize, inspect, compare, recover, bench, demo):
+    for command in (optimize, sweep, inspect, compare, recover, bench, demo):
         command.register(sub)
     return parser
 
