@@ -150,7 +150,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     if structured:
         start = time.perf_counter()
         optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs, analysis=analysis)
-        allocation = details.get("allocation")  # a rebuild keeps what the budget chose
+        chosen = {key: details[key] for key in ("allocation", "structured_budget") if key in details}
         timings["prune_transformer"] = time.perf_counter() - start
     nm_result = None
     check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
@@ -173,7 +173,9 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
             details.clear()
             rebuilt, _ = pipeline.run(working, reverted, details, replay=True)
             if structured:
-                rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs, allocation)
+                rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs,
+                                             chosen.get("allocation"))  # a rebuild keeps what the budget chose
+                details.update(chosen)
             if opts.nm:  # the report describes the model returned: the N:M result of this build
                 rebuilt, nm_result = _nm_sparsity(rebuilt, opts, patterns, data, working, budget,
                                                   details.get("neuron_orders"))
@@ -270,11 +272,14 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
                             min_time_s=opts.bench_min_time_s, seed=opts.seed)
             return timings[1].speedup
 
-        blocks = attention_blocks(model, sample, patterns)[0]
+        blocks, regions = attention_blocks(model, sample, patterns)[0], ffn_regions(model, patterns)
+        if not blocks and not regions:
+            raise GkpError("--target-speedup allocates transformer attention heads and feed-forward neurons, and "
+                           "this model has none that can be removed (Convs take --ratio)")
         analysis = {} if analysis is None else analysis
-        budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, ffn_regions(model, patterns),
+        budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, regions,
                                   stats.node_macs, stats.macs, measure, analysis.get("levels"))
-        _, _ = run_passes([budget], model, plan, found)
+        run_passes([budget], model, plan, found)
         analysis["levels"] = found["levels"]
         allocation = found["allocation"]
         details["allocation"], details["structured_budget"] = allocation, found["structured_budget"]

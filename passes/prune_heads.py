@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import initializer_map, output_bias, reduction_axis
+from gkp_onnx.graph import drop_unread, initializer_map, output_bias, reduction_axis
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
@@ -97,8 +97,7 @@ class PruneHeads(Pass):
         masked = _masked(dense, edits)
         for block, units in edits:
             _prune(model, block, units, initializers)
-        failed = _disagreeing(model, masked, self.sample) if edits else []
-        if failed:  # find the blocks this walk misread; keep them dense
+        if edits and _disagreeing(model, masked, self.sample):  # find the blocks this walk misread; keep them whole
             model.CopyFrom(dense)
             initializers = initializer_map(model.graph)
             good = []
@@ -114,6 +113,7 @@ class PruneHeads(Pass):
             for block, units in good:
                 _prune(model, _same_block(model, block), units, initializers)
             edits = good
+        drop_unread(model)  # the replaced shape constants
         for block, units in edits:
             query = block.query_heads(units)
             pruned.append({"output": block.output.name, "heads": block.heads, "kept": len(query),
@@ -399,13 +399,6 @@ def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -
     for value in list(model.graph.value_info):
         if value.name in stale:
             model.graph.value_info.remove(value)
-    _drop_unread_initializers(model)
-
-
-def _drop_unread_initializers(model: onnx.ModelProto) -> None:
-    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    for init in [i for i in model.graph.initializer if i.name not in read]:
-        model.graph.initializer.remove(init)
 
 
 def _masked(dense: onnx.ModelProto, edits) -> onnx.ModelProto:

@@ -78,18 +78,18 @@ class StructuredBudget(Pass):
     def _options(self, model: onnx.ModelProto) -> dict[tuple[str, str], list[dict]]:
         """(kind, block) -> its levels, all dense first: {"keep", "saved" MACs, "damage"}."""
         initializers = initializer_map(model.graph)
-        candidates = []  # (kind, key, covariance tensor, consumers, unit, units, kept counts, MACs)
+        candidates = []  # (kind, key, covariance tensor, consumers, unit, units, kept counts, nodes whose MACs scale)
         for block in self.blocks:
-            names = [block.query.name, block.key.name, block.value.name, block.output.name, *block.core]
+            counted = [block.query.name, block.key.name, block.value.name, block.output.name, *block.core]
             keeps = sorted({kept_units(block.units, 1 - f) for f in HEAD_LEVELS} - {block.units}, reverse=True)
             candidates.append(("heads", block.output.name, block.output.input[0], [block.output],
-                               block.heads * block.value_width // block.units, block.units, keeps, names))
+                               block.heads * block.value_width // block.units, block.units, keeps, counted))
         for tensor, region in self.regions:
             consumers = [c for c, _ in region.consumers]
             width = _fed_rows(consumers[0], initializers)[0].shape[0]
             keeps = sorted({kept_neurons(width, 1 - f) for f in NEURON_LEVELS} - {width}, reverse=True)
-            names = [n.name for n, _ in region.sources] + [c.name for c in consumers]
-            candidates.append(("neurons", tensor, tensor, consumers, 1, width, keeps, names))
+            counted = [n.name for n, _ in region.sources] + [c.name for c in consumers]
+            candidates.append(("neurons", tensor, tensor, consumers, 1, width, keeps, counted))
         weights = sorted({name for c in candidates for node in c[3]
                           for name in (node.input[1], output_bias(model, node, initializers)) if name})
         session = make_session(initializers_as_inputs(model, weights))

@@ -356,6 +356,8 @@ OPTIMIZE_FLAGS = st.one_of(
     flag("--nm", NM),
     flag("--ffn-ratio", sometimes(st.sampled_from(["0", "0.25", "0.5", "0.9"]) | decimal(0, 0.999),
                                   BAD_NUMBER | st.sampled_from(["1", "-0.1"]))),
+    flag("--target-speedup", sometimes(st.sampled_from(["1.5", "2"]), BAD_NUMBER | st.sampled_from(["1", "0.5", "11"]),
+                                       one_in=2)),
     flag("--head-ratio", sometimes(st.sampled_from(["0", "0.25", "0.5", "0.9"]) | decimal(0, 0.999),
                                    BAD_NUMBER | st.sampled_from(["1", "-0.1"]))),
     st.sampled_from([["--include-stem"], ["--no-gkp"], ["--no-cache"], ["--no-share-streams"], ["--nm-conv"],

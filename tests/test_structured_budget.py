@@ -98,6 +98,14 @@ def test_command_line_target_speedup_is_checked(tmp_path, capsys):
                                   str(tmp_path / "calib.npz")], usage=bad == "x")
         assert "--target-speedup" in line
     assert not (tmp_path / "out.onnx").exists()
+    from fixtures import TOPOLOGIES
+
+    onnx.save(TOPOLOGIES["chain"](), tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "images.npz", x=np.random.default_rng(0).standard_normal(
+        [4] + [d.dim_value for d in TOPOLOGIES["chain"]().graph.input[0].type.tensor_type.shape.dim][1:]).astype(np.float32))
+    line = cli_error(capsys, ["optimize", str(tmp_path / "cnn.onnx"), out, "--no-gkp", "--target-speedup", "1.5",
+                              "--calib", str(tmp_path / "images.npz")])
+    assert "has none" in line
     assert main(["optimize", str(path), out, "--no-gkp", "--target-speedup", "1.2", "--calib",
                  str(tmp_path / "calib.npz"), "--bench-repeats", "3"]) == 0
     assert "--target-speedup 1.2: measured" in capsys.readouterr().out
