@@ -245,13 +245,14 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
     budget for --target-speedup allocates them) [-> the layers that read them refit towards
     `original`'s outputs]."""
     heads, neurons = bool(opts.head_ratio or opts.target_speedup), bool(opts.ffn_ratio or opts.target_speedup)
-    covariances = {}
-    if data is not None:  # calibration-aware choice: the covariance of the channels the pruned units feed
+    analysis = {} if analysis is None else analysis
+    covariances = analysis.get("covariances", {})
+    if data is not None and not covariances:  # the choice: the covariance of the channels the pruned units feed
         tensors = {tensor: -1 for tensor, _ in ffn_regions(model, patterns)} if neurons else {}
         tensors.update({tensor: -1 for tensor in head_inputs(model, patterns)} if heads else {})
-        covariances = channel_covariances(model, tensors, data)
-    sample = Dataset({name: value[:HEAD_CHECK_ROWS] for name, value in data.inputs.items()}) if data \
-        else random_dataset(specs, opts.seed, batch=HEAD_CHECK_ROWS if _dynamic_batch(model) else None)
+        covariances = analysis["covariances"] = channel_covariances(model, tensors, data)
+    rows = HEAD_CHECK_ROWS if _dynamic_batch(model) else specs[0].shape[0]  # a fixed batch takes whole batches
+    sample = data.first(rows) if data else random_dataset(specs, opts.seed, batch=rows)
     found: dict = {}
     plan = Plan(ratio=0.0, method="structured", seed=opts.seed)
     chosen = {name: covariance for name, (_, covariance) in covariances.items()}
@@ -276,7 +277,6 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
         if not blocks and not regions:
             raise GkpError("--target-speedup allocates transformer attention heads and feed-forward neurons, and "
                            "this model has none that can be removed (Convs take --ratio)")
-        analysis = {} if analysis is None else analysis
         budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, regions,
                                   stats.node_macs, stats.macs, measure, analysis.get("levels"))
         run_passes([budget], model, plan, found)
@@ -360,6 +360,9 @@ def _nothing_done(plan: Plan, nm_result: NmResult | None, opts: OptimizeOptions)
     if opts.ffn_ratio:
         why.append("no feed-forward block whose neurons can be removed (MatMul -> element-wise -> MatMul with "
                    "constant weights, read by nothing else), or --ffn-ratio keeps them all")
+    if opts.target_speedup:
+        why.append(f"no attention head or feed-forward neuron that --target-speedup {opts.target_speedup:g} could "
+                   "remove (each block's measured damage and the report's skipped blocks say why)")
     if opts.head_ratio:
         why.append("no attention block whose heads can be removed (Q/K/V and output MatMul/Gemm with constant "
                    "weights around softmax(Q K^T) V), or --head-ratio keeps them all")

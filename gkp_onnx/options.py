@@ -144,7 +144,7 @@ def check_targets(values) -> list[float]:
         raise GkpError(f"--targets: give 1 to {MAX_TARGETS} speed-ups, got {len(values)}")
     for value in values:
         check("target_speedup", value)
-    if len(set(values)) != len(values):
+    if len({f"{value:g}" for value in values}) != len(values):  # also what names the models
         raise GkpError("--targets: each speed-up once")
     return sorted(values)
 

@@ -141,7 +141,7 @@ class Report:
             lines.append(f"attention heads kept in {node}: {reason}")
         if self.structured_budget:
             budget = self.structured_budget
-            verdict = "met" if budget["met"] else "MISSED (the deepest allocation tried is kept)"
+            verdict = "met" if budget["met"] else "MISSED (the fastest allocation tried is kept)"
             lines.append(f"--target-speedup {budget['target_speedup']:g}: measured {budget['speedup']:.2f}x at MACs "
                          f"x{budget['macs']:.3f}, {verdict}; {len(budget['rounds'])} measured allocation(s)")
         if self.nm is not None:

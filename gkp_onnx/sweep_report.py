@@ -73,12 +73,12 @@ def write_plot(rows: list[dict], path: str | os.PathLike, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(row["bench_speedup"] or row["budget_speedup"], row["cosine"]) for row in rows
+    points = [(row, row["bench_speedup"] or row["budget_speedup"], row["cosine"]) for row in rows
               if (row["bench_speedup"] or row["budget_speedup"]) and row["cosine"] is not None]
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([1.0] + [p[0] for p in points], [1.0] + [p[1] for p in points], "o-", label="gkp-onnx sweep")
+    axes.plot([1.0] + [x for _, x, _ in points], [1.0] + [y for _, _, y in points], "o-", label="gkp-onnx sweep")
     axes.annotate("input", (1.0, 1.0))
-    for row, (x, y) in zip(rows, points):
+    for row, x, y in points:
         axes.annotate(f"target {row['target_speedup']:g}x", (x, y), fontsize=8)
     axes.set_xlabel("measured speed-up")
     axes.set_ylabel("min output cosine to the input model")

@@ -44,6 +44,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def first(self, count: int) -> Dataset:
+        """The first `count` samples (and their labels)."""
+        return Dataset({name: value[:count] for name, value in self.inputs.items()},
+                       None if self.labels is None else self.labels[:count], self.source)
+
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExecutionProvider",),
                  threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
@@ -191,8 +196,8 @@ def _check_labels(source: str, labels: np.ndarray, count: int) -> None:
 def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH, cut: bool = True):
     """Feeds covering the dataset: `batch` samples each, or the model's fixed batch size. With a
     padding mask over a dynamic sequence axis (`sequence_axis`) and `cut`, samples go shortest
-    first and each feed is cut after its last token: the tokens' values are the same, the work a
-    fraction of it."""
+    first, at most CUT_BATCH per feed, and each feed is cut after its last token: the tokens'
+    values are the same, the work a fraction of it."""
     sequence = sequence_axis(session) if cut else None
     for rows in _batch_rows(session, data, batch, sequence):
         yield _feed(session, data, rows, sequence)

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import drop_unread, initializer_map, output_bias, reduction_axis
+from gkp_onnx.graph import drop_unread, initializer_map, node_attr, output_bias, reduction_axis, weight_rows
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
@@ -112,6 +112,11 @@ class PruneHeads(Pass):
                     good.append((block, units))
             for block, units in good:
                 _prune(model, _same_block(model, block), units, initializers)
+            if good and _disagreeing(model, _masked(dense, good), self.sample):  # together they do not hold
+                model.CopyFrom(dense)
+                skipped += [(block.output.name, "pruned with the other blocks, it does not equal the masked dense "
+                                                "model") for block, _ in good]
+                good = []
             edits = good
         drop_unread(model)  # the replaced shape constants
         for block, units in edits:
@@ -126,11 +131,11 @@ class PruneHeads(Pass):
 
     def _kept(self, block: AttentionBlock, keep: int, initializers) -> np.ndarray:
         """The `keep` units (a key/value head and its query heads) to keep, sorted."""
-        rows = _rows(block.output, initializers)  # [H * value_width, D]
+        rows = weight_rows(block.output, initializers)[0]  # [H * value_width, D]
         covariance = self.covariances.get(block.output.input[0])
         if covariance is not None:
             return obs_kept(covariance, rows, keep, unit=rows.shape[0] // block.kv_heads)
-        values = np.linalg.norm(_columns_of(block.value, initializers), axis=0)  # [H_kv * value_width]
+        values = np.linalg.norm(weight_rows(block.value, initializers)[0], axis=0)  # [H_kv * value_width]
         per = block.heads // block.kv_heads
         contribution = np.linalg.norm(rows, axis=1) * np.repeat(values.reshape(block.kv_heads, -1), per,
                                                                 axis=0).reshape(-1)
@@ -213,7 +218,7 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
         elif not block.kv_heads or heads % block.kv_heads or widths[1] != block.kv_heads * block.key_width \
                 or widths[2] != block.kv_heads * block.value_width:
             reason = "key/value projection widths do not match the head count"
-        elif _rows(block.output, initializers).shape[0] != heads * block.value_width:
+        elif weight_rows(block.output, initializers)[0].shape[0] != heads * block.value_width:
             reason = "the output projection does not read heads x value width"
         if reason:
             skipped.append((block.output.name, reason))
@@ -262,7 +267,7 @@ def _projection(tensor, producers, initializers, readers):
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in initializers:
             if len(initializers[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1:
                 return None
-            if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            if node.op_type == "Gemm" and node_attr(node, "transA", 0):
                 return None
             found.append(node)
             continue
@@ -283,17 +288,13 @@ def _walk_down(tensor, readers, outputs, initializers):
         node = data[0]
         if node.op_type in ("MatMul", "Gemm") and node.input[0] == tensor and len(node.input) > 1 \
                 and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2 \
-                and len(readers[node.input[1]]) == 1 and not _attr(node, "transA", 0):
+                and len(readers[node.input[1]]) == 1 and not node_attr(node, "transA", 0):
             return node, path
         if node.op_type not in MERGE_OPS or node.input[0] != tensor:
             return None, []
         path.append(node)
         tensor = node.output[0]
     return None, []
-
-
-def _attr(node, name, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _out_axis(node, initializers) -> int:
@@ -305,27 +306,14 @@ def _width(node, initializers) -> int:
     return initializers[node.input[1]].dims[_out_axis(node, initializers)]
 
 
-def _columns_of(node, initializers) -> np.ndarray:
-    """A projection's weight as [D_in, D_out]."""
-    weight = numpy_helper.to_array(initializers[node.input[1]])
-    return weight if _out_axis(node, initializers) == 1 else weight.T
-
-
-def _rows(node, initializers) -> np.ndarray:
-    """The output projection's weight as [D_in (heads x value width), D_out]."""
-    weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-    return weight.T if reduction_axis(node, 2) == 1 else weight
-
-
 def _columns(heads, width: int) -> np.ndarray:
     return np.asarray([h * width + i for h in heads for i in range(width)], dtype=np.int64)
 
 
 def _run_shapes(model: onnx.ModelProto, names: list[str], sample: Dataset) -> dict[str, list[int]]:
-    """The shapes the named tensors take on the first sample."""
+    """The shapes the named tensors take on `sample`."""
     session = make_session(with_outputs(model, names))
-    first = Dataset({name: value[:1] for name, value in sample.inputs.items()})
-    values = run_model(session, first)
+    values = run_model(session, sample)
     return {o.name: list(v.shape) for o, v in zip(session.get_outputs(), values)}
 
 
@@ -373,8 +361,8 @@ def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -
         columns = _columns(heads, width)
         bias = output_bias(model, node, initializers)
         take_channels(initializers[node.input[1]], columns, _out_axis(node, initializers))
-        if bias is not None:
-            take_channels(initializers[bias], columns, 0)
+        if bias is not None:  # [W], or [1, W] / [1, 1, W]: the channels are the last axis
+            take_channels(initializers[bias], columns, len(initializers[bias].dims) - 1)
     take_channels(initializers[block.output.input[1]], _columns(query, block.value_width),
                   reduction_axis(block.output, 2))
     new = {"heads": len(query), "kv_heads": len(units), "merged_v": len(query) * block.value_width,
@@ -394,11 +382,7 @@ def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -
             model.graph.initializer.append(tensor)
             initializers[name] = model.graph.initializer[-1]
         node.input[slot] = name
-    stale = {o for n in block.path for o in n.output} | {block.query.output[0], block.key.output[0],
-                                                          block.value.output[0]}
-    for value in list(model.graph.value_info):
-        if value.name in stale:
-            model.graph.value_info.remove(value)
+    del model.graph.value_info[:]  # head counts in the recorded shapes, down to the core and beyond, are stale
 
 
 def _masked(dense: onnx.ModelProto, edits) -> onnx.ModelProto:

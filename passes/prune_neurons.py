@@ -8,10 +8,11 @@ The regions are those the N:M permutation reorders (gkp_onnx.nm_permutation.find
 channels written by MatMul/Gemm with constant weights (with their biases), carried through
 element-wise ops (GELU, also decomposed into Div/Erf/Add/Mul; SiLU; a SwiGLU gate * up) with
 per-channel or scalar constants, and read only by MatMul/Gemm with constant weights. S keeps
-round((1 - R) * F) neurons, a multiple of structured.ROUND_TO: with calibration data, those greedy Optimal
-Brain Surgeon keeps on the covariance of the neurons' activations and the rows they feed
-(gkp_onnx.structured.obs_kept: the output error after the refit, padding positions left out);
-without, the best by the norms of the weights that write each neuron times those it reads. The kept neurons compute
+(1 - R) * F neurons rounded up to a multiple of structured.ROUND_TO (or, per block, the count
+`keep` gives: --target-speedup): with calibration data, those greedy Optimal Brain Surgeon keeps
+on the covariance of the neurons' activations and the rows they feed (gkp_onnx.structured.obs_kept:
+the output error after the refit, padding positions left out); without, the best by the norms of
+the weights that write each neuron times those of the rows it feeds. The kept neurons compute
 exactly what they did; every tensor outside the regions keeps its shape. With --reconstruct, the
 consumers' weights are refit to the dense model's outputs (reconstruct_nm, dense masks).
 """
@@ -27,6 +28,7 @@ from gkp_onnx.nm_permutation import channel_rows, find_region, take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.structured import kept_neurons, obs_kept
+
 
 class PruneNeurons(Pass):
     name = "prune_neurons"

@@ -24,6 +24,7 @@ the same Gram matrix), so a layer never gets worse than before. The captures com
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -109,23 +110,13 @@ class Reconstruct(Pass):
                 source, index = gather.input[0], numpy_helper.to_array(initializers[gather.input[1]])
             output = original_nodes[layer.node].output[0]
             targets = reference.values(output)
-            shortcut = self._shortcut(model, output, producers) if self.shortcut else None
+            shortcut = _shortcut(model, output, producers) if self.shortcut else None
             if shortcut is not None:  # aim at the sum: conv + shortcut as in the original
                 drift = [r - p for r, p in zip(list(reference.values(shortcut)), list(pruned.values(shortcut)))]
                 targets = (y + d for y, d in zip(targets, drift))
             pairs = zip(pruned.values(source), targets)
             errors[layer.node] = self._refit(model, layer, conv, index, pairs)
         return PassResult(model, plan, modified=bool(plan.layers), details={"reconstruction": errors})
-
-    @staticmethod
-    def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | None:
-        """The other input of the Add that alone reads `output`, when it is a computed tensor
-        (`producers`: tensor -> the node that computes it)."""
-        readers = [n for n in model.graph.node if output in n.input]
-        if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
-            return None
-        other = [name for name in readers[0].input if name != output]
-        return other[0] if len(other) == 1 and other[0] in producers else None
 
     def _refit(self, model, layer: LayerPlan, conv: onnx.NodeProto, index: np.ndarray, pairs) -> tuple[float, float]:
         """`pairs`: per batch, (the tensor the layer's Gather reads in the pruned model, the layer's
@@ -247,8 +238,7 @@ class ReconstructNm(Pass):
                 continue
             bias = output_bias(model, node, initializers) if self.intercept else None
             stream = _residual_stream(model, node, bias) if self.residual else None
-            drift = (zip(dense.values(stream), sparse.values(stream)) if stream else
-                     iter(lambda: (None, None), 0))
+            drift = zip(dense.values(stream), sparse.values(stream)) if stream else itertools.repeat((None, None))
             pairs = zip(sparse.values(node.input[0]), dense.values(reference.input[0]), sparse.padding, drift)
             errors[name] = self._refit(node, view, reference_view, pairs, initializers[node.input[1]],
                                        initializers.get(bias))
@@ -270,7 +260,8 @@ class ReconstructNm(Pass):
         for x, x_original, padding, (stream, stream_now) in pairs:
             rows = features(x)
             target = reference_features(x_original) @ target_weight
-            if stream is not None:  # the residual stream this layer is added to: what it lost so far
+            if stream is not None and stream.size == target.numel():
+                # what the residual stream this layer is added to has drifted from the original's
                 target = target + torch.from_numpy((stream - stream_now).reshape(target.shape).astype(np.float32))
             tokens = token_rows(padding, x.shape) if node.op_type == "MatMul" else None
             if tokens is not None:  # padding positions are not calibration data
@@ -352,18 +343,23 @@ class ReconstructNm(Pass):
         return _better_columns(weight, sparsegpt_nm(optimum, gram, self.n, self.m), gram, cross, energy)
 
 
+def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | None:
+    """The other input of the Add that alone reads `output`, when it is a computed tensor
+    (`producers`: tensor -> the node that computes it)."""
+    readers = [n for n in model.graph.node if output in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
+        return None
+    other = [name for name in readers[0].input if name != output]
+    return other[0] if len(other) == 1 and other[0] in producers else None
+
+
 def _residual_stream(model: onnx.ModelProto, node: onnx.NodeProto, bias: str | None) -> str | None:
     """The computed tensor the layer's output (after its bias Add) is added to, if it is."""
-    out = node.output[0]
-    readers = [n for n in model.graph.node if out in n.input]
-    if bias and node.op_type != "Gemm" and len(readers) == 1 and readers[0].op_type == "Add":
-        out = readers[0].output[0]
-        readers = [n for n in model.graph.node if out in n.input]
-    if len(readers) != 1 or readers[0].op_type != "Add":
-        return None
-    initializers = {i.name for i in model.graph.initializer}
-    other = [name for name in readers[0].input if name != out]
-    return other[0] if len(other) == 1 and other[0] not in initializers else None
+    producers = {o: n for n in model.graph.node for o in n.output}
+    output = node.output[0]
+    if bias and node.op_type != "Gemm":
+        output = next(n for n in model.graph.node if output in n.input).output[0]  # output_bias: the only reader
+    return _shortcut(model, output, producers)
 
 
 def _linear_view(node: onnx.NodeProto, initializers: dict):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias, reduction_axis
+from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias, weight_rows
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.structured import kept_neurons, kept_units, obs_path
@@ -39,6 +39,7 @@ ROUNDS = 4
 
 class StructuredBudget(Pass):
     name = "structured_budget"
+    in_place = False  # measures; the model is not edited
 
     def __init__(self, target: float, data: Dataset, covariances: dict, blocks: list, regions: list,
                  macs: dict[str, int | None], total_macs: int, measure: Callable[[dict], float],
@@ -86,7 +87,7 @@ class StructuredBudget(Pass):
                                block.heads * block.value_width // block.units, block.units, keeps, counted))
         for tensor, region in self.regions:
             consumers = [c for c, _ in region.consumers]
-            width = _fed_rows(consumers[0], initializers)[0].shape[0]
+            width = weight_rows(consumers[0], initializers)[0].shape[0]
             keeps = sorted({kept_neurons(width, 1 - f) for f in NEURON_LEVELS} - {width}, reverse=True)
             counted = [n.name for n, _ in region.sources] + [c.name for c in consumers]
             candidates.append(("neurons", tensor, tensor, consumers, 1, width, keeps, counted))
@@ -96,8 +97,7 @@ class StructuredBudget(Pass):
         names = [o.name for o in session.get_outputs()]
         fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
         step = fixed if isinstance(fixed, int) and fixed > 0 else 1
-        sample = Dataset({k: v[:max(step, SAMPLES // step * step)] for k, v in self.data.inputs.items()},
-                         source=self.data.source)
+        sample = self.data.first(max(step, SAMPLES // step * step))
         dense = {name: numpy_helper.to_array(initializers[name]) for name in weights}
         reference = run_model(session, sample, dense)
         options = {}
@@ -107,7 +107,7 @@ class StructuredBudget(Pass):
                 options[(kind, key)] = levels
                 continue
             mean, covariance = self.covariances[tensor]
-            fed = [_fed_rows(node, initializers) for node in consumers]
+            fed = [weight_rows(node, initializers) for node in consumers]
             rows = np.concatenate([r for r, _ in fed], axis=1)
             macs = sum(self.macs.get(n) or 0 for n in nodes)
             for keep, (_, compensated) in sorted(obs_path(covariance, rows, keeps, unit).items(), reverse=True):
@@ -125,14 +125,6 @@ class StructuredBudget(Pass):
                                "damage": max(0.0, 1.0 - cosine)})
             options[(kind, key)] = levels
         return options
-
-
-def _fed_rows(node: onnx.NodeProto, initializers) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """A 2-D MatMul/Gemm weight as rows [input channels, outputs] (float64), and its inverse."""
-    weight = numpy_helper.to_array(initializers[node.input[1]])
-    axis = reduction_axis(node, 2)
-    rows = (weight if axis == 0 else weight.T).astype(np.float64)
-    return rows, lambda new: np.ascontiguousarray(new if axis == 0 else new.T).astype(weight.dtype)
 
 
 def _allocate(options: dict, needed: float) -> tuple[dict, int, float]:

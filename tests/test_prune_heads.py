@@ -21,13 +21,14 @@ LLAMA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyll
 
 
 def attention(heads: int = 4, kv_heads: int = 4, explicit: bool = True, fused: bool = False,
-              misread: bool = False) -> onnx.ModelProto:
+              misread: bool = False, gemm: bool = False, bias_2d: bool = False, batch="N") -> onnx.ModelProto:
     """x [N, S, D] -> multi-head attention -> y [N, S, D], as exporters write it: projections (+ bias),
     Reshape to [N, S, heads, WIDTH] (`explicit`: the head count spelled in the shape constants, else -1),
     Transpose, scores / sqrt(WIDTH), Softmax, P V, Transpose, Reshape, output projection (+ bias).
     kv_heads < heads: grouped-query attention (K/V repeated with Unsqueeze + Tile). `fused`: one QKV
     projection split in three. `misread`: the merged heads go through a Reshape whose head count
-    no rule rewrites (the pass must find this and keep the block)."""
+    no rule rewrites (the pass must find this and keep the block). `gemm`: the projections are Gemm
+    (transB) on [N * S, D] rows, as older exporters write them; `bias_2d`: biases of shape [1, W]."""
     rng = np.random.default_rng(0)
     inits = []
 
@@ -50,13 +51,20 @@ def attention(heads: int = 4, kv_heads: int = 4, explicit: bool = True, fused: b
         sizes = const("sizes", [heads * WIDTH, kv_heads * WIDTH, kv_heads * WIDTH], np.int64)
         nodes.append(helper.make_node("Split", [qkv, sizes], ["q", "k", "v"], name="split", axis=-1))
         q, k, v = "q", "k", "v"
+    elif gemm:
+        rows = node("Reshape", ["x", const("rows_shape", [-1, D], np.int64)], "rows")
+        q, k, v = (node("Gemm", [rows, const(f"w_{p}", rng.standard_normal((n * WIDTH, D)) / np.sqrt(D)),
+                                 const(f"b_{p}", rng.standard_normal(n * WIDTH))], p, transB=1)
+                   for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
     else:
         q, k, v = (node("Add", [node("MatMul", ["x", weight(f"w_{p}", (D, n * WIDTH))], p),
-                                const(f"b_{p}", rng.standard_normal(n * WIDTH))], f"{p}_bias")
+                                const(f"b_{p}", rng.standard_normal([1, n * WIDTH] if bias_2d else n * WIDTH))],
+                        f"{p}_bias")
                    for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
 
     def split_heads(t, count, name):
-        shape = const(f"{name}_shape", [0, 0, count if explicit else -1, WIDTH], np.int64)
+        shape = const(f"{name}_shape", [-1, S, count, WIDTH] if gemm else [0, 0, count if explicit else -1, WIDTH],
+                      np.int64)
         t = node("Reshape", [t, shape], f"{name}_heads")
         if count < heads:  # repeat each key/value head for its query heads
             t = node("Tile", [node("Unsqueeze", [t, const(f"{name}_axis", [3], np.int64)], f"{name}_unsq"),
@@ -73,11 +81,17 @@ def attention(heads: int = 4, kv_heads: int = 4, explicit: bool = True, fused: b
         flat = node("Reshape", [context, const("flat_shape", [0, heads, -1], np.int64)], "flat")
         context = node("Reshape", [flat, const("unflat_shape", [0, heads, S, WIDTH], np.int64)], "unflat")
     merged = node("Transpose", [context], "merge_t", perm=[0, 2, 1, 3])
-    merged = node("Reshape", [merged, const("merge_shape", [0, 0, heads * WIDTH if explicit else -1], np.int64)],
-                  "merged")
-    node("Add", [node("MatMul", [merged, weight("w_o", (heads * WIDTH, D))], "o"), const("b_o", np.zeros(D))], "y")
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", S, D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", S, D])], inits)
+    if gemm:
+        merged = node("Reshape", [merged, const("merge_shape", [-1, heads * WIDTH], np.int64)], "merged")
+        out = node("Gemm", [merged, const("w_o", rng.standard_normal((D, heads * WIDTH)) / np.sqrt(heads * WIDTH)),
+                            const("b_o", np.zeros(D))], "o", transB=1)
+        node("Reshape", [out, const("out_shape", [-1, S, D], np.int64)], "y")
+    else:
+        merged = node("Reshape", [merged, const("merge_shape", [0, 0, heads * WIDTH if explicit else -1], np.int64)],
+                      "merged")
+        node("Add", [node("MatMul", [merged, weight("w_o", (heads * WIDTH, D))], "o"), const("b_o", np.zeros(D))], "y")
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, S, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, S, D])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -89,9 +103,11 @@ def weights(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def masked_like(model: onnx.ModelProto, pruned: onnx.ModelProto, heads: int) -> onnx.ModelProto:
+def masked_like(model: onnx.ModelProto, pruned: onnx.ModelProto, heads: int, gemm: bool = False) -> onnx.ModelProto:
     """The dense model with the output-projection rows of the heads pruning removed set to zero."""
     before, after = weights(model)["w_o"], weights(pruned)["w_o"]
+    if gemm:
+        before, after = before.T, after.T
     kept = [h for h in range(heads) if any(np.array_equal(before[h * WIDTH:(h + 1) * WIDTH], after[i:i + WIDTH])
                                            for i in range(0, len(after), WIDTH))]
     assert len(kept) * WIDTH == len(after)
@@ -99,7 +115,8 @@ def masked_like(model: onnx.ModelProto, pruned: onnx.ModelProto, heads: int) -> 
     for h in set(range(heads)) - set(kept):
         zeroed[h * WIDTH:(h + 1) * WIDTH] = 0
     masked = onnx.ModelProto.FromString(model.SerializeToString())
-    next(t for t in masked.graph.initializer if t.name == "w_o").CopyFrom(numpy_helper.from_array(zeroed, "w_o"))
+    next(t for t in masked.graph.initializer if t.name == "w_o").CopyFrom(
+        numpy_helper.from_array(np.ascontiguousarray(zeroed.T if gemm else zeroed), "w_o"))
     return masked
 
 
@@ -120,6 +137,22 @@ def test_pruned_heads_equal_the_masked_dense_model(heads, kv_heads, explicit):
         assert shapes["merged"] == [0, 0, heads // 2 * WIDTH]
     x = sample(4, seed=7).inputs
     np.testing.assert_allclose(run(pruned, x)[0], run(masked_like(model, pruned, heads), x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gemm", "bias_2d", "value_info", "fixed_batch"])
+def test_exporter_variants_prune_to_the_masked_dense_model(variant):
+    model = attention(gemm=variant == "gemm", bias_2d=variant == "bias_2d", batch=3 if variant == "fixed_batch" else "N")
+    if variant == "value_info":  # shapes recorded with the dense head count (onnxsim, shape-inferred exports)
+        model = onnx.shape_inference.infer_shapes(model)
+        assert len(model.graph.value_info) > 10
+    pruned, report = optimize(model, gkp=False, head_ratio=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [(b["heads"], b["kept"]) for b in report.heads] == [(4, 2)] and not report.heads_skipped
+    if variant == "bias_2d":
+        assert weights(pruned)["b_q"].shape == (1, 2 * WIDTH)
+    x = sample(3, seed=7).inputs
+    np.testing.assert_allclose(run(pruned, x)[0], run(masked_like(model, pruned, 4, gemm=variant == "gemm"), x)[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_at_ratio_0_nothing_changes_and_counts_round_up():

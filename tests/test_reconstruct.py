@@ -263,9 +263,9 @@ def test_a_conv_feeding_a_residual_add_is_fit_to_the_sum(calib, monkeypatch):
     model = TOPOLOGIES["residual"]()
     add = next(n for n in model.graph.node if n.op_type == "Add")
     producers = {o: n for n in model.graph.node for o in n.output}
-    assert reconstruct.Reconstruct._shortcut(model, add.input[1], producers) == add.input[0]
+    assert reconstruct._shortcut(model, add.input[1], producers) == add.input[0]
     first = model.graph.node[0].output[0]  # read by a Relu
-    assert reconstruct.Reconstruct._shortcut(model, first, producers) is None
+    assert reconstruct._shortcut(model, first, producers) is None
     path, x = calib(model)
 
     def add_error(refit):

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         report_path = outputs.add(args.report, "--report")
         plan_path = outputs.add(args.save_plan, "--save-plan")
         options = shared.optimize_options(args)
-        if not args.bench:  # without --bench nothing is measured, and the bench flags are ignored
-            for name in BENCH_FIELDS:
+        if not args.bench:  # without --bench the guard measures nothing; --target-speedup times with these flags
+            for name in BENCH_FIELDS if options.get("target_speedup") is None else ("bench_batches",):
                 del options[name]
         if not args.calib and options["gkp"] and options["ratio"] >= ONE_SHOT_RISK and not args.plan:
             print(f"note: without --calib data, pruning at ratio {options['ratio']:g} is one-shot: accuracy usually "

@@ -25,7 +25,8 @@ def register(sub) -> None:
                                      "(one damage analysis; models, a table and a plot in OUTDIR)")
     p.add_argument("input")
     p.add_argument("outdir", help="folder for NAME-<target>x.onnx, sweep.md, sweep.json and sweep.png "
-                                  "(made when missing; files in it of the same names are refused)")
+                                  "(made when missing; files of the same names in it are replaced when the run "
+                                  "succeeds)")
     p.add_argument("--targets", type=targets, required=True, metavar="X1,X2,..",
                    help="measured speed-ups to reach, each in (1, 10]")
     shared.add_pruning(p)

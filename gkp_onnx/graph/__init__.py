@@ -9,7 +9,8 @@ symbolic shape inference.
 
 from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, GLOBAL_POOLS, POOLS, UNARY_ELEMENTWISE, Component,
                                      chain_index, channel_constant, channel_count, components, gather_index, is_depthwise,
-                                     is_per_channel, reduction_axis, walk_to_consumer, walk_to_producer)
+                                     is_per_channel, reduction_axis, walk_to_consumer, walk_to_producer,
+                                     weight_rows)
 from gkp_onnx.graph.edit import (drop_unread, initializers_as_inputs, permuted, reindex_params, reorder,
                                  replace_initializer, take_rows)
 from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,

@@ -5,6 +5,7 @@ contracts it), and the channel spaces whose order can be changed for free."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -151,6 +152,15 @@ def reduction_axis(node: onnx.NodeProto, rank: int) -> int:
     if node.op_type == "Conv":
         return 1
     return rank - 2  # MatMul B [..., K, N]
+
+
+def weight_rows(node: onnx.NodeProto, initializers) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A 2-D MatMul/Gemm weight as rows [input channels, outputs] (float64: y = x @ rows), and the
+    function that puts such rows back into the weight's layout and dtype."""
+    weight = numpy_helper.to_array(initializers[node.input[1]])
+    axis = reduction_axis(node, 2)
+    rows = (weight if axis == 0 else weight.T).astype(np.float64)
+    return rows, lambda new: np.ascontiguousarray(new if axis == 0 else new.T).astype(weight.dtype)
 
 
 

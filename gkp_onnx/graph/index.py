@@ -71,6 +71,8 @@ def clear_marks(model: onnx.ModelProto) -> None:
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers by name (the protos themselves: editing one edits the graph)."""
     return {t.name: t for t in graph.initializer}
+
+
 def output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict) -> str | None:
     """The initializer added to the layer's output, one value per output channel, read by nothing
     else: Gemm's C, or the constant of the only Add reading a MatMul's output."""
