@@ -24,6 +24,7 @@ from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm, tensorrt_sparse_likely
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
+from gkp_onnx.validate import describe_measures
 
 
 def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, include_stem: bool = False,
@@ -82,6 +83,7 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
               f"kernels ({nm} weight, reduction and outputs >= {TRT_MIN_DIM} and multiples of 16)",
               f"onnxruntime CPU NCHWc block here: {_block()} (optimize rounds kept channels to multiples of it: "
               f"--channel-multiple auto)"]
+    lines += [f"measured (optimize, compare): {line}" for line in describe_measures(model)]
     return "\n".join(lines)
 
 

@@ -302,6 +302,10 @@ class OutputFidelity:
     mean_abs_diff: float
     cosine: float
     top1_agreement: float | None
+    # an embedding output (output_kinds "pooled"): per sample, the masked mean over its tokens
+    pooled_cosine: float | None = None  # mean over samples of the pooled embeddings' cosine
+    pooled_worst: float | None = None
+    neighbour_agreement: float | None = None  # samples whose nearest other sample is the same in both
 
 
 @dataclass
@@ -332,19 +336,82 @@ class Fidelity:
         text = f"max|diff| {self.max_abs_diff:.3g}  cosine {self.min_cosine:.6f}"
         if self.top1_agreement is not None:
             text += f"  top-1 agreement {100 * self.top1_agreement:.2f}%"
+        for output in self.outputs:
+            if output.pooled_cosine is not None:
+                text += f"  {output.name} pooled: cosine {output.pooled_cosine:.4f} (worst {output.pooled_worst:.4f})"
+                if output.neighbour_agreement is not None:
+                    text += f", nearest-neighbour agreement {100 * output.neighbour_agreement:.1f}%"
         if self.accuracy_reference is not None:
             text += (f"  accuracy {100 * self.accuracy_reference:.2f}% -> "
                      f"{100 * self.accuracy_candidate:.2f}%")
         return text + f"  ({self.samples} samples, {self.data})"
 
 
+def output_kinds(model: onnx.ModelProto) -> dict[str, str]:
+    """What fidelity measures per output: "pooled" for a [batch, sequence, features] output of a
+    model with a padding mask (PADDING_INPUT) that no classifier head (MatMul/Gemm, + bias, Softmax)
+    produces: a sentence embedding, compared by its masked mean, not by an argmax; "values" else."""
+    if PADDING_INPUT not in {i.name for i in model.graph.input}:
+        return {}
+    producers = {o: node for node in model.graph.node for o in node.output}
+
+    def classifier(name: str) -> bool:
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add":
+            return any(classifier(t) for t in node.input if t in producers)
+        return node is not None and node.op_type in ("MatMul", "Gemm", "Softmax", "LogSoftmax")
+
+    kinds = {}
+    for output in model.graph.output:
+        rank = len(output.type.tensor_type.shape.dim) if output.type.tensor_type.HasField("shape") else 0
+        kinds[output.name] = "pooled" if rank == 3 and not classifier(output.name) else "values"
+    return kinds
+
+
+def describe_measures(model: onnx.ModelProto) -> list[str]:
+    """What `optimize` and `compare` will measure on each output of `model` (for inspect)."""
+    kinds = output_kinds(model)
+    masked = PADDING_INPUT in {i.name for i in model.graph.input}
+    lines = []
+    for output in model.graph.output:
+        rank = len(output.type.tensor_type.shape.dim) if output.type.tensor_type.HasField("shape") else 0
+        if kinds.get(output.name) == "pooled":
+            what = (f"max|diff| and cosine at the tokens ({PADDING_INPUT} != 0); the pooled embedding (masked "
+                    f"mean): its cosine and nearest-neighbour agreement")
+        elif rank in (2, 3):
+            what = "max|diff|, cosine and top-1 agreement (argmax of the last axis)" + (
+                f", at the tokens ({PADDING_INPUT} != 0)" if masked and rank == 3 else "")
+        else:
+            what = "max|diff| and cosine"
+        lines.append(f"{output.name}: {what}")
+    return lines
+
+
+def _pooled(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[batch, sequence, features] -> the L2-normalised mean over each sample's tokens."""
+    weights = (mask != 0).astype(np.float64)[..., None]
+    pooled = (values.astype(np.float64) * weights).sum(1) / np.maximum(weights.sum(1), 1)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str],
-             data: Dataset) -> Fidelity:
+             data: Dataset, kinds: dict[str, str] | None = None) -> Fidelity:
+    """How far `candidate`'s outputs are from `reference`'s on `data`; `kinds`: output_kinds."""
     result = Fidelity(samples=len(data), data=data.source)
+    kinds = kinds or {}
     for name, ref, new in zip(names, reference, candidate):
         if ref.shape != new.shape:
             raise GkpError(f"output '{name}' changed shape: {list(ref.shape)} -> {list(new.shape)}")
-        tokens = token_rows(data.inputs.get(PADDING_INPUT), ref.shape)
+        pooled = {}
+        mask = data.inputs.get(PADDING_INPUT)
+        if kinds.get(name) == "pooled" and mask is not None and mask.shape == ref.shape[:2]:
+            a, b = _pooled(ref, mask), _pooled(new, mask)
+            cosines = (a * b).sum(1)
+            pooled = {"pooled_cosine": float(cosines.mean()), "pooled_worst": float(cosines.min())}
+            if len(a) >= 3:  # the nearest other sample, in each model's embedding space
+                near = [np.argmax(np.where(np.eye(len(e), dtype=bool), -np.inf, e @ e.T), axis=1) for e in (a, b)]
+                pooled["neighbour_agreement"] = float((near[0] == near[1]).mean())
+        tokens = token_rows(mask, ref.shape)
         if tokens is not None:  # [batch, sequence, features]: the tokens' values, not the padding's
             ref, new = ref.reshape(-1, ref.shape[-1])[tokens], new.reshape(-1, new.shape[-1])[tokens]
         ref64, new64 = ref.astype(np.float64).ravel(), new.astype(np.float64).ravel()
@@ -352,10 +419,10 @@ def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: li
         denominator = np.linalg.norm(ref64) * np.linalg.norm(new64)
         cosine = float(ref64 @ new64 / denominator) if denominator > 0 else float(np.array_equal(ref64, new64))
         top1 = None
-        if ref.ndim in (2, 3) and ref.shape[-1] > 1:
+        if ref.ndim in (2, 3) and ref.shape[-1] > 1 and not pooled:  # an argmax of an embedding means nothing
             top1 = float((ref.argmax(-1) == new.argmax(-1)).mean())
         result.outputs.append(OutputFidelity(name, float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0,
-                                             cosine, top1))
+                                             cosine, top1, **pooled))
     if data.labels is not None and reference[0].ndim == 2:
         classes = reference[0].shape[-1]
         if classes > 1 and len(data.labels) and data.labels.max() >= classes:
@@ -375,7 +442,8 @@ def compare(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str, 
     if names != [o.name for o in new_session.get_outputs()]:
         raise GkpError(f"the models have different outputs: {names} vs "
                        f"{[o.name for o in new_session.get_outputs()]}")
-    return fidelity(run_model(ref_session, data), run_model(new_session, data), names, data)
+    graph = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference), load_external_data=False)
+    return fidelity(run_model(ref_session, data), run_model(new_session, data), names, data, output_kinds(graph))
 
 
 def channel_rms(model: onnx.ModelProto, tensors: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:

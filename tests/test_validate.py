@@ -165,3 +165,33 @@ def test_samples_without_a_token_sort_first_and_cut_nothing_else():
 
     mask = np.array([[0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     assert _last_token(mask).tolist() == [-1, 1, 0, 3]
+
+
+def test_an_embedding_output_is_compared_pooled_and_a_classifier_by_top1():
+    from onnx import helper, numpy_helper
+
+    from gkp_onnx.validate import compare, describe_measures, output_kinds
+
+    model = _masked_encoder()
+    assert output_kinds(model) == {"y": "pooled"}
+    data = _padded_tokens(samples=40)
+    same = compare(model, model, data).outputs[0]
+    assert same.top1_agreement is None  # an argmax over an embedding means nothing
+    assert same.pooled_cosine == pytest.approx(1.0) and same.pooled_worst == pytest.approx(1.0)
+    assert same.neighbour_agreement == 1.0
+    noisy = onnx.ModelProto.FromString(model.SerializeToString())
+    table = numpy_helper.to_array(noisy.graph.initializer[0])
+    noise = np.random.default_rng(1).standard_normal(table.shape).astype(np.float32)
+    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(table + noise, "table"))
+    far = compare(model, noisy, data).outputs[0]
+    assert far.pooled_cosine < 0.99 and far.pooled_worst <= far.pooled_cosine and 0 <= far.neighbour_agreement < 1
+    assert "pooled embedding" in describe_measures(model)[0]
+    # a classifier head over the tokens (MatMul + bias) keeps its top-1 agreement
+    head = onnx.ModelProto.FromString(model.SerializeToString())
+    head.graph.initializer.extend([numpy_helper.from_array(np.ones((8, 5), np.float32), "w"),
+                                   numpy_helper.from_array(np.zeros(5, np.float32), "b")])
+    head.graph.node.extend([helper.make_node("MatMul", ["y", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["logits"])])
+    head.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "sequence", 5]))
+    assert output_kinds(head) == {"logits": "values"}
+    assert compare(head, head, data).outputs[0].top1_agreement == 1.0
+    assert "top-1" in describe_measures(head)[0]

@@ -205,8 +205,12 @@ def optimize_options(args: argparse.Namespace) -> dict:
 def print_fidelity(result) -> None:
     for output in result.outputs:
         top1 = f"  top-1 agreement {100 * output.top1_agreement:.2f}%" if output.top1_agreement is not None else ""
+        pooled = f"  pooled cosine {output.pooled_cosine:.4f} (worst {output.pooled_worst:.4f})" \
+            if output.pooled_cosine is not None else ""
+        if output.neighbour_agreement is not None:
+            pooled += f"  nearest-neighbour agreement {100 * output.neighbour_agreement:.1f}%"
         print(f"{output.name}: max|diff| {output.max_abs_diff:.4g}  mean|diff| {output.mean_abs_diff:.4g}  "
-              f"cosine {output.cosine:.6f}{top1}")
+              f"cosine {output.cosine:.6f}{top1}{pooled}")
     if result.accuracy_reference is not None:
         print(f"accuracy: {100 * result.accuracy_reference:.2f}% -> {100 * result.accuracy_candidate:.2f}% "
               f"({result.samples} samples)")
