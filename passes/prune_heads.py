@@ -20,7 +20,8 @@ with the removed heads' output rows zeroed; a block that does not (a layout this
 is left dense, with the reason in the details. Which heads: with calibration data, those greedy
 Optimal Brain Surgeon keeps on the covariance of the output projection's input (heads as blocks
 of channels; gkp_onnx.structured.obs_kept); without, the best by the norms of their value columns
-x their output rows. Fused QKV projections are left alone (reason given).
+x their output rows. A fused QKV projection cut by one Split (GPT-2's c_attn) loses its columns part
+by part and the Split's sizes follow; a projection shared any other way is left whole (reason given).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class AttentionBlock:
     output: onnx.NodeProto
     path: list[onnx.NodeProto] = field(default_factory=list)  # nodes between the projections and the output
     core: tuple[str, str] = ("", "")  # the Q K^T and P V MatMuls' names
+    split: str = ""  # a fused Q/K/V projection: the Split that cuts its output (else "")
+    parts: tuple[int, int, int] = (0, 1, 2)  # the Split outputs Q, K and V come from
+    sizes: list[int] = field(default_factory=list)  # the Split's part widths, in output order
     heads: int = 0
     kv_heads: int = 0
     key_width: int = 0
@@ -69,6 +73,19 @@ class AttentionBlock:
     def query_heads(self, units) -> list[int]:
         per = self.heads // self.kv_heads
         return [u * per + i for u in units for i in range(per)]
+
+    def part_columns(self, units) -> list[np.ndarray]:
+        """The Q, K and V output columns the kept `units` keep (each from 0 in its part)."""
+        return [_columns(self.query_heads(units), self.key_width), _columns(units, self.key_width),
+                _columns(units, self.value_width)]
+
+    def projection_columns(self, units) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+        """Per Q/K/V projection (one when fused), the output columns the kept `units` keep."""
+        kept = self.part_columns(units)
+        if not self.split:
+            return list(zip((self.query, self.key, self.value), kept))
+        offsets, by_output = np.cumsum([0] + self.sizes), dict(zip(self.parts, kept))
+        return [(self.query, np.concatenate([offsets[i] + by_output[i] for i in range(3)]))]
 
 
 class PruneHeads(Pass):
@@ -123,9 +140,7 @@ class PruneHeads(Pass):
             query = block.query_heads(units)
             pruned.append({"output": block.output.name, "heads": block.heads, "kept": len(query),
                            "kv_heads": block.kv_heads, "kept_kv": len(units)})
-            orders[block.query.name] = _columns(query, block.key_width)
-            orders[block.key.name] = _columns(units, block.key_width)
-            orders[block.value.name] = _columns(units, block.value_width)
+            orders.update({node.name: columns for node, columns in block.projection_columns(units)})
         return PassResult(model, plan, modified=bool(edits),
                           details={"heads": pruned, "head_orders": orders, "heads_skipped": skipped})
 
@@ -135,7 +150,10 @@ class PruneHeads(Pass):
         covariance = self.covariances.get(block.output.input[0])
         if covariance is not None:
             return obs_kept(covariance, rows, keep, unit=rows.shape[0] // block.kv_heads)
-        values = np.linalg.norm(weight_rows(block.value, initializers)[0], axis=0)  # [H_kv * value_width]
+        values = np.linalg.norm(weight_rows(block.value, initializers)[0], axis=0)
+        if block.split:  # the V part of a fused projection
+            start = int(np.sum(block.sizes[:block.parts[2]]))
+            values = values[start:start + block.sizes[block.parts[2]]]  # [H_kv * value_width]
         per = block.heads // block.kv_heads
         contribution = np.linalg.norm(rows, axis=1) * np.repeat(values.reshape(block.kv_heads, -1), per,
                                                                 axis=0).reshape(-1)
@@ -181,12 +199,16 @@ def _attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
         if any(side is None for side in sides):
             skipped.append((where, "no single MatMul/Gemm with a constant weight found for Q, K or V"))
             continue
-        (query, q_path), (key, k_path), (value, v_path) = sides
-        if len({query.name, key.name, value.name}) < 3:
-            skipped.append((where, "fused Q/K/V projection (not supported yet)"))
-            continue
-        found.append((AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge, (qk.name, pv.name)),
-                      qk, pv))
+        (query, q_path, q_part), (key, k_path, k_part), (value, v_path, v_part) = sides
+        block = AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge, (qk.name, pv.name))
+        if len({query.name, key.name, value.name}) < 3:  # one projection for all: cut by one Split
+            parts = (q_part, k_part, v_part)
+            if query.name != key.name or key.name != value.name or None in parts \
+                    or len({split for split, _ in parts}) != 1 or len({index for _, index in parts}) != 3:
+                skipped.append((where, "Q, K and V share a projection but not through one Split into three"))
+                continue
+            block.split, block.parts = parts[0][0], tuple(index for _, index in parts)
+        found.append((block, qk, pv))
     return found, skipped
 
 
@@ -197,7 +219,9 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
     found, skipped = _attention_cores(model, exclude)
     if not found:
         return [], skipped
+    splits = {n.name: n for n in model.graph.node if n.op_type == "Split"}
     probe = [t for _, qk, pv in found for t in (qk.output[0], pv.input[1], pv.output[0])]
+    probe += [o for block, _, _ in found if block.split for o in splits[block.split].output]
     for block, _, _ in found:
         for node in block.path:
             if node.op_type in ("Reshape", "Expand"):
@@ -209,7 +233,17 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
     for block, qk, pv in found:
         heads = shapes[qk.output[0]][-3] if len(shapes[qk.output[0]]) >= 3 else 0
         block.heads, block.value_width = heads, shapes[pv.output[0]][-1]
-        widths = [_width(n, initializers) for n in (block.query, block.key, block.value)]
+        if block.split:
+            split = splits[block.split]
+            block.sizes = [shapes[o][-1] for o in split.output]
+            rank = len(shapes[split.output[0]])
+            if node_attr(split, "axis", 0) not in (-1, rank - 1) or sum(block.sizes) != _width(block.query,
+                                                                                           initializers):
+                skipped.append((block.output.name, "the fused Q/K/V projection is not split along its outputs"))
+                continue
+            widths = [block.sizes[i] for i in block.parts]
+        else:
+            widths = [_width(n, initializers) for n in (block.query, block.key, block.value)]
         block.key_width = widths[0] // heads if heads else 0
         block.kv_heads = widths[1] // block.key_width if block.key_width else 0
         reason = None
@@ -256,14 +290,17 @@ def _find_up(tensor, producers, initializers, ops, wanted) -> list[onnx.NodeProt
 
 
 def _projection(tensor, producers, initializers, readers):
-    """(the one MatMul/Gemm with a constant 2-D weight up from `tensor`, the nodes on the way)."""
-    path, found, seen, todo = [], [], set(), [tensor]
+    """(the one MatMul/Gemm with a constant 2-D weight up from `tensor`, the nodes on the way, the
+    (Split, output index) the way came through or None)."""
+    path, found, seen, todo, parts = [], [], set(), [tensor], set()
     while todo:
         name = todo.pop()
         node = producers.get(name)
         if name in seen or name in initializers or node is None:
             continue
         seen.add(name)
+        if node.op_type == "Split":
+            parts.add((node.name, list(node.output).index(name)))
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in initializers:
             if len(initializers[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1:
                 return None
@@ -275,7 +312,9 @@ def _projection(tensor, producers, initializers, readers):
             continue  # a side input (a RoPE table, a position computation): not the data path
         path.append(node)
         todo.extend(t for t in (node.input[:1] if node.op_type in ONE_DATA_INPUT else node.input) if t)
-    return (found[0], path) if len(found) == 1 else None
+    if len(found) != 1 or len(parts) > 1:
+        return None
+    return found[0], path, next(iter(parts), None)
 
 
 def _walk_down(tensor, readers, outputs, initializers):
@@ -356,9 +395,11 @@ def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list
 def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -> None:
     """Remove the heads outside `units` from `block` in `model` (weights, biases, shape constants)."""
     query = block.query_heads(units)
-    for node, heads, width in ((block.query, query, block.key_width), (block.key, units, block.key_width),
-                               (block.value, units, block.value_width)):
-        columns = _columns(heads, width)
+    if block.split:  # one projection for Q, K and V: the Split cuts the kept widths
+        widths = dict(zip(block.parts, map(len, block.part_columns(units))))
+        _set_split_sizes(model, next(n for n in model.graph.node if n.name == block.split),
+                         [widths[i] for i in range(3)], initializers)
+    for node, columns in block.projection_columns(units):
         bias = output_bias(model, node, initializers)
         take_channels(initializers[node.input[1]], columns, _out_axis(node, initializers))
         if bias is not None:  # [W], or [1, W] / [1, 1, W]: the channels are the last axis
@@ -385,6 +426,28 @@ def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -
     del model.graph.value_info[:]  # head counts in the recorded shapes, down to the core and beyond, are stale
 
 
+def _set_split_sizes(model: onnx.ModelProto, split: onnx.NodeProto, sizes: list[int], initializers) -> None:
+    """Make `split` cut `sizes` (an input from opset 13, an attribute before)."""
+    name = f"{split.name}_heads_sizes"
+    if len(split.input) > 1 and split.input[1] or next((o.version for o in model.opset_import
+                                                        if o.domain in ("", "ai.onnx")), 13) >= 13:
+        tensor = numpy_helper.from_array(np.asarray(sizes, np.int64), name)
+        if name in initializers:
+            initializers[name].CopyFrom(tensor)
+        else:
+            model.graph.initializer.append(tensor)
+            initializers[name] = model.graph.initializer[-1]
+        while len(split.input) < 2:
+            split.input.append("")
+        split.input[1] = name
+        for attribute in [a for a in split.attribute if a.name == "num_outputs"]:
+            split.attribute.remove(attribute)
+    else:
+        for attribute in [a for a in split.attribute if a.name == "split"]:
+            split.attribute.remove(attribute)
+        split.attribute.append(onnx.helper.make_attribute("split", sizes))
+
+
 def _masked(dense: onnx.ModelProto, edits) -> onnx.ModelProto:
     """The dense model with the output rows of the heads to remove zeroed: what pruning must equal."""
     masked = onnx.ModelProto()
@@ -405,7 +468,8 @@ def _same_block(model: onnx.ModelProto, block: AttentionBlock) -> AttentionBlock
     """`block` with its nodes looked up in `model` (a copy of the model it was found in)."""
     nodes = {n.name: n for n in model.graph.node}
     twin = AttentionBlock(*(nodes[n.name] for n in (block.query, block.key, block.value, block.output)),
-                          path=[nodes[n.name] for n in block.path], core=block.core, heads=block.heads,
+                          path=[nodes[n.name] for n in block.path], core=block.core, split=block.split,
+                          parts=block.parts, sizes=block.sizes, heads=block.heads,
                           kv_heads=block.kv_heads,
                           key_width=block.key_width, value_width=block.value_width, shape_edits=block.shape_edits)
     return twin

@@ -81,7 +81,8 @@ class StructuredBudget(Pass):
         initializers = initializer_map(model.graph)
         candidates = []  # (kind, key, covariance tensor, consumers, unit, units, kept counts, nodes whose MACs scale)
         for block in self.blocks:
-            counted = [block.query.name, block.key.name, block.value.name, block.output.name, *block.core]
+            counted = list(dict.fromkeys([block.query.name, block.key.name, block.value.name, block.output.name,
+                                          *block.core]))  # a fused Q/K/V projection once
             keeps = sorted({kept_units(block.units, 1 - f) for f in HEAD_LEVELS} - {block.units}, reverse=True)
             candidates.append(("heads", block.output.name, block.output.input[0], [block.output],
                                block.heads * block.value_width // block.units, block.units, keeps, counted))

@@ -171,9 +171,29 @@ def test_a_layout_the_walk_misreads_is_found_by_running_it_and_left_whole():
     np.testing.assert_array_equal(run(result.model, sample().inputs)[0], run(model, sample().inputs)[0])
 
 
-def test_fused_qkv_is_left_whole_with_its_reason():
-    blocks, skipped = attention_blocks(attention(fused=True), sample())
-    assert blocks == [] and skipped == [("o", "fused Q/K/V projection (not supported yet)")]
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_fused_qkv_projection_loses_its_heads_part_by_part(kv_heads):
+    model = attention(4, kv_heads, fused=True)
+    (block,), skipped = attention_blocks(model, sample())
+    assert block.split == "split" and block.sizes == [4 * WIDTH, kv_heads * WIDTH, kv_heads * WIDTH] and not skipped
+    result = PruneHeads(0.5, sample())(onnx.ModelProto.FromString(model.SerializeToString()), PLAN)
+    assert [(b["heads"], b["kept"]) for b in result.details["heads"]] == [(4, 2)]
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    assert weights(pruned)["w_qkv"].shape == (D, (2 + kv_heads) * WIDTH)
+    assert weights(pruned)[next(n for n in pruned.graph.node if n.name == "split").input[1]].tolist() == \
+        [2 * WIDTH, kv_heads // 2 * WIDTH, kv_heads // 2 * WIDTH]
+    x = sample(4, seed=7).inputs
+    np.testing.assert_allclose(run(pruned, x)[0], run(masked_like(model, pruned, 4), x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_projection_shared_without_a_split_is_left_whole_with_its_reason():
+    model = attention(fused=True)
+    split = next(n for n in model.graph.node if n.name == "split")  # K taken from Q's part: not three parts
+    for node in model.graph.node:
+        node.input[:] = [split.output[0] if name == split.output[1] else name for name in node.input]
+    blocks, skipped = attention_blocks(model, sample())
+    assert blocks == [] and skipped == [("o", "Q, K and V share a projection but not through one Split into three")]
 
 
 def test_calibration_scores_and_refit_bring_the_output_closer(tmp_path):
@@ -212,7 +232,7 @@ def test_command_line_head_ratio(tmp_path, capsys):
                          usage=bad == "x")
         assert "--head-ratio" in line
     assert not (tmp_path / "bad.onnx").exists() and path.read_bytes() == before
-    onnx.save(attention(fused=True), path)
+    onnx.save(attention(misread=True), path)
     line = cli_error(capsys, ["optimize", str(path), str(tmp_path / "bad.onnx"), "--no-gkp", "--head-ratio", "0.5"])
     assert "nothing to optimize" in line and "attention block" in line
 
