@@ -13,7 +13,8 @@ MatMul/Gemm with a constant weight each, and from P V down (Transpose, Reshape) 
 projection. Head count H, key width d and value width come from one onnxruntime run of `sample`.
 With grouped-query attention (H_kv < H key/value heads), a unit is one key/value head and the
 H / H_kv query heads that read it. Shape constants that spell a head count (or the merged width)
-in the block's Reshapes are rewritten; -1 and run-time shapes need nothing.
+in the block's Reshapes are rewritten, one read at run time from another tensor's Shape becomes
+-1; -1 and run-time shapes of the block's own tensors need nothing.
 
 Every pruned block is checked by running `sample`: the pruned model must equal the dense model
 with the removed heads' output rows zeroed; a block that does not (a layout this walk misreads)
@@ -60,6 +61,7 @@ class AttentionBlock:
     split: str = ""  # a fused Q/K/V projection: the Split that cuts its output (else "")
     parts: tuple[int, int, int] = (0, 1, 2)  # the Split outputs Q, K and V come from
     sizes: list[int] = field(default_factory=list)  # the Split's part widths, in output order
+    split_columns: bool = True  # the Split cuts the columns (else a [3, ...] axis: the thirds, sizes 1, 1, 1)
     heads: int = 0
     kv_heads: int = 0
     key_width: int = 0
@@ -200,7 +202,8 @@ def _attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
             skipped.append((where, "no single MatMul/Gemm with a constant weight found for Q, K or V"))
             continue
         (query, q_path, q_part), (key, k_path, k_part), (value, v_path, v_part) = sides
-        block = AttentionBlock(query, key, value, output, q_path + k_path + v_path + merge, (qk.name, pv.name))
+        path = list({n.name: n for n in q_path + k_path + v_path + merge}.values())  # a fused projection's: once
+        block = AttentionBlock(query, key, value, output, path, (qk.name, pv.name))
         if len({query.name, key.name, value.name}) < 3:  # one projection for all: cut by one Split
             parts = (q_part, k_part, v_part)
             if query.name != key.name or key.name != value.name or None in parts \
@@ -221,25 +224,29 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
         return [], skipped
     splits = {n.name: n for n in model.graph.node if n.op_type == "Split"}
     probe = [t for _, qk, pv in found for t in (qk.output[0], pv.input[1], pv.output[0])]
-    probe += [o for block, _, _ in found if block.split for o in splits[block.split].output]
+    probe += [o for block, _, _ in found if block.split for o in [*splits[block.split].output,
+                                                                   splits[block.split].input[0]]]
     for block, _, _ in found:
         for node in block.path:
             if node.op_type in ("Reshape", "Expand"):
                 concat = producers.get(node.input[1])
                 probe += [node.output[0]] + ([t for t in concat.input if t not in initializers]
                                              if concat is not None and concat.op_type == "Concat" else [])
-    shapes = _run_shapes(model, sorted(set(probe)), sample)
+    shapes, values = _probe(model, sorted(set(probe)), sample)
     blocks = []
     for block, qk, pv in found:
         heads = shapes[qk.output[0]][-3] if len(shapes[qk.output[0]]) >= 3 else 0
         block.heads, block.value_width = heads, shapes[pv.output[0]][-1]
         if block.split:
-            split = splits[block.split]
-            block.sizes = [shapes[o][-1] for o in split.output]
-            rank = len(shapes[split.output[0]])
-            if node_attr(split, "axis", 0) not in (-1, rank - 1) or sum(block.sizes) != _width(block.query,
-                                                                                           initializers):
-                skipped.append((block.output.name, "the fused Q/K/V projection is not split along its outputs"))
+            split, total = splits[block.split], _width(block.query, initializers)
+            before = shapes[split.input[0]]
+            axis = node_attr(split, "axis", 0) % len(before)
+            if axis == len(before) - 1:  # the columns, cut in parts
+                block.sizes = [shapes[o][-1] for o in split.output]
+            elif before[axis] == 3 and all(shapes[o][axis] == 1 for o in split.output) and total % 3 == 0:
+                block.sizes, block.split_columns = [total // 3] * 3, False  # [.., 3, H, d]: Q, K, V the thirds
+            if sum(block.sizes) != total:
+                skipped.append((block.output.name, "the fused Q/K/V projection is not split into its parts"))
                 continue
             widths = [block.sizes[i] for i in block.parts]
         else:
@@ -257,7 +264,7 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
         if reason:
             skipped.append((block.output.name, reason))
             continue
-        block.shape_edits = _shape_edits(block, shapes, initializers, producers)
+        block.shape_edits = _shape_edits(block, shapes, values, initializers, producers)
         blocks.append(block)
     return blocks, skipped
 
@@ -349,16 +356,22 @@ def _columns(heads, width: int) -> np.ndarray:
     return np.asarray([h * width + i for h in heads for i in range(width)], dtype=np.int64)
 
 
-def _run_shapes(model: onnx.ModelProto, names: list[str], sample: Dataset) -> dict[str, list[int]]:
-    """The shapes the named tensors take on `sample`."""
+def _probe(model: onnx.ModelProto, names: list[str], sample: Dataset) -> tuple[dict, dict]:
+    """The shapes the named tensors take on `sample`, and the values of the small integer ones
+    (shape pieces computed at run time)."""
     session = make_session(with_outputs(model, names))
-    values = run_model(session, sample)
-    return {o.name: list(v.shape) for o, v in zip(session.get_outputs(), values)}
+    outputs = run_model(session, sample)
+    shapes = {o.name: list(v.shape) for o, v in zip(session.get_outputs(), outputs)}
+    values = {o.name: v.reshape(-1).tolist() for o, v in zip(session.get_outputs(), outputs)
+              if v.size <= 8 and np.issubdtype(v.dtype, np.integer)}
+    return shapes, values
 
 
-def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list[tuple[str, int, int, str]]:
-    """(node, input slot, element, what) for every constant in the block's Reshape/Expand shapes that
-    spells a head count ("heads", "kv_heads") or a merged width ("merged_q", "merged_v")."""
+def _shape_edits(block: AttentionBlock, shapes, values, initializers, producers) -> list[tuple[str, int, int, str]]:
+    """(node, input slot, element, what) for every element of the block's Reshape/Expand shapes that
+    spells a head count ("heads", "kv_heads") or a merged width ("merged_q", "merged_v", ...): a
+    constant is rewritten; a one-element piece computed at run time (a dim read from another
+    tensor's Shape) becomes -1 ("infer"), when the shape has no other -1."""
     counts = {block.heads: "heads", block.kv_heads: "kv_heads"}
     merged = {block.heads * block.value_width: "merged_v", block.heads * block.key_width: "merged_q",
               block.kv_heads * block.key_width: "merged_k", block.kv_heads * block.value_width: "merged_kv"}
@@ -372,30 +385,31 @@ def _shape_edits(block: AttentionBlock, shapes, initializers, producers) -> list
         concat = producers.get(node.input[1])
         if node.input[1] not in initializers and concat is not None and concat.op_type == "Concat":
             pieces = [(concat.name, j, t) for j, t in enumerate(concat.input)]
-        position = 0
+        position, found, free = 0, [], True
         for owner, slot, name in pieces:
-            length = (int(np.prod(initializers[name].dims)) if name in initializers
-                      else (shapes.get(name) or [None])[0])
-            if length is None:
+            constant = name in initializers
+            spelled = numpy_helper.to_array(initializers[name]).reshape(-1).tolist() if constant else values.get(name)
+            if spelled is None:
                 break
-            if name in initializers:
-                values = numpy_helper.to_array(initializers[name]).reshape(-1)
-                for k, value in enumerate(values):
-                    i = position + k
-                    if i >= len(out) or value != out[i]:
-                        continue
-                    if value in counts and int(np.prod(out[i + 1:])) in widths:
-                        edits.append((owner, slot, k, counts[value]))
-                    elif value in merged and i == len(out) - 1:
-                        edits.append((owner, slot, k, merged[value]))
-            position += length
+            free = free and -1 not in spelled
+            for k, value in enumerate(spelled):
+                i = position + k
+                if i >= len(out) or value != out[i]:
+                    continue
+                if value in counts and int(np.prod(out[i + 1:])) in widths:
+                    found.append((owner, slot, k, counts[value] if constant else "infer"))
+                elif value in merged and i == len(out) - 1:
+                    found.append((owner, slot, k, merged[value] if constant else "infer"))
+            position += len(spelled)
+        inferred = [edit for edit in found if edit[3] == "infer"]
+        edits += [edit for edit in found if edit[3] != "infer"] + (inferred if free and len(inferred) == 1 else [])
     return edits
 
 
 def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -> None:
     """Remove the heads outside `units` from `block` in `model` (weights, biases, shape constants)."""
     query = block.query_heads(units)
-    if block.split:  # one projection for Q, K and V: the Split cuts the kept widths
+    if block.split and block.split_columns:  # one projection for Q, K and V: the Split cuts the kept widths
         widths = dict(zip(block.parts, map(len, block.part_columns(units))))
         _set_split_sizes(model, next(n for n in model.graph.node if n.name == block.split),
                          [widths[i] for i in range(3)], initializers)
@@ -412,10 +426,13 @@ def _prune(model: onnx.ModelProto, block: AttentionBlock, units, initializers) -
     nodes = {n.name: n for n in model.graph.node}
     for owner, slot, element, what in block.shape_edits:
         node = nodes[owner]
-        old = initializers[node.input[slot]]
-        values = numpy_helper.to_array(old).copy()
-        values.reshape(-1)[element] = new[what]
-        name = f"{old.name}_{block.output.name}_heads"
+        if what == "infer":  # a dim read at run time from another tensor: let Reshape infer it
+            values, name = np.array([-1], np.int64), f"{node.input[slot]}_{block.output.name}_inferred"
+        else:
+            old = initializers[node.input[slot]]
+            values = numpy_helper.to_array(old).copy()
+            values.reshape(-1)[element] = new[what]
+            name = f"{old.name}_{block.output.name}_heads"
         tensor = numpy_helper.from_array(values, name)
         if name in initializers:
             initializers[name].CopyFrom(tensor)
@@ -469,7 +486,7 @@ def _same_block(model: onnx.ModelProto, block: AttentionBlock) -> AttentionBlock
     nodes = {n.name: n for n in model.graph.node}
     twin = AttentionBlock(*(nodes[n.name] for n in (block.query, block.key, block.value, block.output)),
                           path=[nodes[n.name] for n in block.path], core=block.core, split=block.split,
-                          parts=block.parts, sizes=block.sizes, heads=block.heads,
+                          parts=block.parts, sizes=block.sizes, split_columns=block.split_columns, heads=block.heads,
                           kv_heads=block.kv_heads,
                           key_width=block.key_width, value_width=block.value_width, shape_edits=block.shape_edits)
     return twin

@@ -242,3 +242,18 @@ def test_the_real_tiny_llama_loses_half_its_heads_in_every_layer():
     pruned, report = optimize(str(LLAMA), gkp=False, head_ratio=0.5)
     assert [(b["heads"], b["kept"]) for b in report.heads] == [(4, 2)] * 4 and not report.heads_skipped
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_a_timm_style_vit_export_loses_heads_through_its_qkv_split_and_run_time_widths(tmp_path):
+    """models.vit: qkv -> Reshape [b, t, 3, H, d] -> Transpose -> Split on the 3 -> Squeeze, and the
+    merged heads reshaped to a width read from the input's Shape at run time."""
+    torch = pytest.importorskip("torch")
+    from gkp_onnx.models.export import export
+    from gkp_onnx.models.vit import ViT
+
+    torch.manual_seed(0)
+    model = onnx.load(export(ViT(image=32, patch=8, dim=64, depth=2, heads=4, mlp=128).eval(), (1, 3, 32, 32),
+                             tmp_path / "vit.onnx"))
+    pruned, report = optimize(model, gkp=False, head_ratio=0.5)
+    assert [(b["heads"], b["kept"]) for b in report.heads] == [(4, 2)] * 2 and not report.heads_skipped
+    onnx.checker.check_model(pruned, full_check=True)
