@@ -5,7 +5,8 @@ target speed-up (--target-speedup X with --calib).
    block, NEURON_LEVELS of its neurons (multiples of structured.ROUND_TO). The MACs an option
    saves are exact: those of the block's MatMuls scale with the units kept.
 2. Damage, measured at the model output on up to SAMPLES calibration samples: 1 - the lowest output
-   cosine to the dense model with that block alone at that level, its output rows compensated as
+   cosine (a sentence embedding's pooled cosine: validate.output_kinds) to the dense model with that
+   block alone at that level, its output rows compensated as
    greedy Optimal Brain Surgeon leaves them (gkp_onnx.structured.obs_path; the output bias absorbs
    the mean, as the refit's intercept will), every other block dense. The weights are inputs of
    one onnxruntime session: each option is one run.
@@ -28,7 +29,7 @@ from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias,
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.structured import kept_neurons, kept_units, obs_path
-from gkp_onnx.validate import Dataset, fidelity, make_session, run_model
+from gkp_onnx.validate import Dataset, fidelity, make_session, output_kinds, run_model
 
 HEAD_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.25)  # shares of a block's key/value groups an allocation may keep
 NEURON_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # shares of a block's neurons
@@ -101,6 +102,7 @@ class StructuredBudget(Pass):
         sample = self.data.first(max(step, SAMPLES // step * step))
         dense = {name: numpy_helper.to_array(initializers[name]) for name in weights}
         reference = run_model(session, sample, dense)
+        kinds = output_kinds(model)  # a sentence embedding's damage: its pooled cosine
         options = {}
         for kind, key, tensor, consumers, unit, units, keeps, nodes in candidates:
             levels = [{"keep": units, "saved": 0, "damage": 0.0}]
@@ -121,7 +123,8 @@ class StructuredBudget(Pass):
                         feed[bias] = (dense[bias] + (mean @ (part - new)).reshape(dense[bias].shape)
                                       ).astype(dense[bias].dtype)
                     start += part.shape[1]
-                cosine = fidelity(reference, run_model(session, sample, feed), names, sample).min_cosine
+                measured = fidelity(reference, run_model(session, sample, feed), names, sample, kinds)
+                cosine = min(o.pooled_cosine if o.pooled_cosine is not None else o.cosine for o in measured.outputs)
                 levels.append({"keep": keep, "saved": int(round(macs * (1 - keep / units))),
                                "damage": max(0.0, 1.0 - cosine)})
             options[(kind, key)] = levels
