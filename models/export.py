@@ -24,9 +24,10 @@ from gkp_onnx.models.mobilenet import mobilenet_v2, mobilenet_v3
 from gkp_onnx.models.resnet50 import resnet50
 from gkp_onnx.models.vgg import vgg16
 from gkp_onnx.models.vit import vit_small
+from gkp_onnx.models.whisper import whisper_tiny_encoder
 
 OPSET = 17
-MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "vit_small"]
+MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "vit_small", "whisper_tiny_encoder"]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -39,6 +40,8 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.n
         return mobilenet_v3(seed), (1, 3, 224, 224)
     if name == "vit_small":
         return vit_small(seed), (1, 3, 224, 224)
+    if name == "whisper_tiny_encoder":
+        return whisper_tiny_encoder(seed), (1, 80, 300)
     if name == "vgg16":
         return vgg16(seed), (1, 3, 32, 32)
     if weights:
