@@ -21,6 +21,8 @@ from gkp_onnx.graph import (MAC_OPS, assumed_note, ensure_node_names, infer_shap
 from gkp_onnx.model_io import load_model
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
+from gkp_onnx.passes.prune_heads import attention_cores
+from gkp_onnx.passes.prune_neurons import ffn_regions
 from gkp_onnx.nm import TRT_MIN_DIM, WeightRef, find_weight, parse_nm, satisfies_nm, tensorrt_sparse_likely
 from gkp_onnx.pipeline import run_passes
 from gkp_onnx.plan import Plan
@@ -43,6 +45,7 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
 
+    roles, transformer = _transformer_roles(model, shapes)
     rows = []
     for node in model.graph.node:
         if node.op_type not in MAC_OPS:
@@ -54,7 +57,7 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
         elif node.name in skipped:
             status = "GKP: " + skipped[node.name]
         else:
-            status = "GKP: not a Conv"
+            status = roles.get(node.name, "GKP: not a Conv")
         weight, axis, is_nm, trt = "dynamic", "-", "-", "-"
         if isinstance(ref, WeightRef):
             values = numpy_helper.to_array(initializers[ref.initializer])
@@ -83,8 +86,32 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
               f"kernels ({nm} weight, reduction and outputs >= {TRT_MIN_DIM} and multiples of 16)",
               f"onnxruntime CPU NCHWc block here: {_block()} (optimize rounds kept channels to multiples of it: "
               f"--channel-multiple auto)"]
-    lines += [f"measured (optimize, compare): {line}" for line in describe_measures(model)]
+    lines += transformer + [f"measured (optimize, compare): {line}" for line in describe_measures(model)]
     return "\n".join(lines)
+
+
+def _transformer_roles(model, shapes) -> tuple[dict[str, str], list[str]]:
+    """Per MatMul/Gemm, its part in an attention or feed-forward block (the status column), and a
+    summary line; from the graph alone (optimize also checks each pruned block by running it)."""
+    roles: dict[str, str] = {}
+    cores, skipped = attention_cores(model)
+    for block, qk, _ in cores:
+        dims = shapes.get(qk.output[0]) or []
+        heads = f"{dims[-3]} heads" if len(dims) >= 3 else "heads"
+        for node, role in ((block.query, "query"), (block.key, "key"), (block.value, "value"),
+                           (block.output, "output")):
+            role = "query/key/value" if block.split else role
+            roles.setdefault(node.name, f"attention {role}: {heads} (--head-ratio)")
+    for node, reason in skipped:
+        roles[node] = f"attention output, heads kept: {reason}"
+    regions = ffn_regions(model)
+    for _, region in regions:
+        for node, _ in region.sources + region.consumers:
+            roles.setdefault(node.name, "feed-forward block: neurons (--ffn-ratio)")
+    if not cores and not regions and not skipped:
+        return roles, []
+    return roles, [f"transformer: {len(cores)} attention block(s), {len(regions)} feed-forward block(s) "
+                   f"(--head-ratio, --ffn-ratio, or per block with --target-speedup and --calib)"]
 
 
 def _block() -> str:

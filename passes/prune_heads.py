@@ -165,10 +165,10 @@ class PruneHeads(Pass):
 
 def head_inputs(model: onnx.ModelProto, exclude=()) -> list[str]:
     """The tensors the output projections of attention blocks read (where the heads' scores are measured)."""
-    return [block.output.input[0] for block, _, _ in _attention_cores(model, exclude)[0]]
+    return [block.output.input[0] for block, _, _ in attention_cores(model, exclude)[0]]
 
 
-def _attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
+def attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
     """(block without sizes, Q K^T MatMul, P V MatMul) per attention core found; (output, reason) skipped."""
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
@@ -219,7 +219,7 @@ def attention_blocks(model: onnx.ModelProto, sample: Dataset, exclude=()) -> tup
     """The attention blocks whose heads can be removed, and (output projection, reason) for those that cannot."""
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
-    found, skipped = _attention_cores(model, exclude)
+    found, skipped = attention_cores(model, exclude)
     if not found:
         return [], skipped
     splits = {n.name: n for n in model.graph.node if n.op_type == "Split"}

@@ -274,3 +274,18 @@ def test_a_whisper_style_encoder_loses_heads_and_neurons_behind_its_conv1d_front
     assert [(b["neurons"], b["kept"]) for b in report.neurons] == [(128, 64)] * 2
     assert {s.reason for s in report.plan.skipped} == {"1-D convolution (only 2-D is rewritten)"}
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_inspect_names_each_projection_s_part_in_its_block(tmp_path):
+    from gkp_onnx.inspect import inspect_model
+    from test_prune_neurons import ffn
+
+    path = tmp_path / "attention.onnx"
+    onnx.save(attention(), path)
+    text = inspect_model(str(path))
+    assert "attention query: 4 heads (--head-ratio)" in text and "attention output: 4 heads" in text
+    assert "transformer: 1 attention block(s), 0 feed-forward block(s)" in text
+    onnx.save(ffn(), path)
+    assert "feed-forward block: neurons (--ffn-ratio)" in inspect_model(str(path))
+    onnx.save(attention(misread=False, fused=True), path)
+    assert "attention query/key/value: 4 heads" in inspect_model(str(path))
