@@ -177,6 +177,7 @@ def attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
         for name in node.input:
             readers[name].append(node)
     outputs = {o.name for o in model.graph.output}
+    inputs = {i.name for i in model.graph.input}
 
     def computed(name: str) -> bool:
         return bool(name) and name not in initializers
@@ -202,6 +203,11 @@ def attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
             skipped.append((where, "no single MatMul/Gemm with a constant weight found for Q, K or V"))
             continue
         (query, q_path, q_part), (key, k_path, k_part), (value, v_path, v_part) = sides
+        if any(t in inputs for n in k_path + v_path for t in n.input) or \
+                any(o in outputs for n in k_path + v_path for o in n.output):
+            skipped.append((where, "its keys and values are a cache the graph takes or returns (past / present): "
+                                   "removing heads would change that interface (not supported yet)"))
+            continue
         path = list({n.name: n for n in q_path + k_path + v_path + merge}.values())  # a fused projection's: once
         block = AttentionBlock(query, key, value, output, path, (qk.name, pv.name))
         if len({query.name, key.name, value.name}) < 3:  # one projection for all: cut by one Split

@@ -289,3 +289,23 @@ def test_inspect_names_each_projection_s_part_in_its_block(tmp_path):
     assert "feed-forward block: neurons (--ffn-ratio)" in inspect_model(str(path))
     onnx.save(attention(misread=False, fused=True), path)
     assert "attention query/key/value: 4 heads" in inspect_model(str(path))
+
+
+def test_a_decoder_with_a_kv_cache_keeps_its_cache_interface(tmp_path):
+    """models.llama_kv: past keys/values in, present out. Removing heads would change the cache's
+    shape, so the attention blocks stay whole (with that reason); neurons go, and the pruned model
+    still runs a generation step on a cache of the original shape."""
+    pytest.importorskip("torch")
+    from gkp_onnx.models.llama_kv import export_llama_kv
+
+    model = onnx.load(export_llama_kv(tmp_path / "decoder.onnx"))
+    pruned, report = optimize(model, gkp=False, head_ratio=0.5, ffn_ratio=0.5)
+    assert report.heads == [] and [node for node, _ in report.heads_skipped] == ["/blocks.0/wo/MatMul",
+                                                                                 "/blocks.1/wo/MatMul"]
+    assert all("cache" in reason for _, reason in report.heads_skipped)
+    assert [b["kept"] for b in report.neurons] == [96, 96]
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": np.array([[5, 7, 9]], np.int64)}
+    feed |= {i.name: rng.standard_normal((1, 2, 4, 16)).astype(np.float32) for i in model.graph.input[1:]}
+    before, after = run(model, feed), run(pruned, feed)
+    assert [a.shape for a in after] == [b.shape for b in before]  # logits and the presents: [1, 2, 7, 16]
