@@ -56,9 +56,15 @@ class Outputs:
         if path is None:
             return None
         text = os.fspath(path)
-        if text.endswith(("/", os.sep)):
-            raise GkpError(f"{flag} {text} ends with a slash: give a file name")
-        target = Path(text).resolve()
+        if not text or text.endswith(("/", os.sep)):
+            raise GkpError(f"{flag} {text!r} is empty or ends with a slash: give a file name")
+        try:
+            target = Path(text).resolve()
+            dangling = Path(text).is_symlink() and not Path(text).exists()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, a path the system refuses
+            raise GkpError(f"{flag} {text[:60]}: {getattr(exc, 'strerror', None) or exc}") from None
+        if dangling:
+            raise GkpError(f"{flag} {text} is a symbolic link to nothing")
         claimed = [target] + ([target.with_name(target.name + ".data")] if model else [])
         for source, what in list(self.models.items()):  # external data lives in (or below) the model's folder
             if target.is_relative_to(source.parent):
@@ -80,6 +86,13 @@ class Outputs:
             raise GkpError(f"{flag}: the folder {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise GkpError(f"{flag}: the folder {parent} is not writable")
+        try:
+            longest = os.pathconf(parent, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            longest = 255
+        if max(len(os.fsencode(file.name)) for file in claimed) > longest:
+            raise GkpError(f"{flag}: the file name {target.name[:40]}... is longer than the {longest} bytes "
+                           f"the folder allows")
         remove_stale(parent)
         for file in claimed:
             self.targets[file] = flag

@@ -78,9 +78,14 @@ def test_links_to_the_input_are_the_input(capsys, model_path, tmp_path):
 
 @pytest.mark.parametrize("target, words", [("dir/", "ends with a slash"), ("dir", "is a directory"),
                                             ("/dev/null", "not a regular file"),
-                                            ("missing/o.onnx", "does not exist")])
+                                            ("missing/o.onnx", "does not exist"),
+                                            ("dangling", "symbolic link to nothing"), ("loop", "loop"),
+                                            ("x" * 300 + ".json", "too long")])
 def test_bad_output_paths_are_refused_before_any_work(capsys, model_path, tmp_path, target, words):
     (tmp_path / "dir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
     listing = files(tmp_path)
     path = target if target.startswith("/") else str(tmp_path / target) + ("/" if target.endswith("/") else "")
     refused(capsys, ["optimize", str(model_path), str(tmp_path / "o.onnx"), "--report", path], words)

@@ -89,4 +89,7 @@ def test_command_line_refuses_bad_folders(files, capsys):
     assert "not a folder" in cli_error(capsys, ["sweep", str(path), str(path)] + common)
     assert "does not exist" in cli_error(capsys, ["sweep", str(path), str(path.parent / "a" / "b")] + common)
     assert "--calib" in cli_error(capsys, ["sweep", str(path), str(path.parent / "x"), "--targets", "1.5"])
+    (path.parent / "dangling").symlink_to(path.parent / "nowhere" / "x")
+    assert "cannot make it" in cli_error(capsys, ["sweep", str(path), str(path.parent / "dangling")] + common)
+    assert "empty" in cli_error(capsys, ["sweep", str(path), ""] + common)
     assert not (path.parent / "x").exists() and not (path.parent / "a").exists()

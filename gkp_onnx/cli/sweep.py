@@ -54,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
     from gkp_onnx.sweep_report import plot_available, sweep_rows, sweep_table, write_json, write_plot
 
     outdir = Path(args.outdir)
+    if not args.outdir:
+        raise GkpError("sweep OUTDIR is empty: give a folder")
     if outdir.exists() and not outdir.is_dir():
         raise GkpError(f"sweep OUTDIR {outdir} is not a folder")
     if not outdir.parent.is_dir():
         raise GkpError(f"sweep OUTDIR {outdir}: its folder {outdir.parent} does not exist")
     made = not outdir.exists()
     if made:
-        outdir.mkdir()
+        try:
+            outdir.mkdir()
+        except OSError as exc:  # a dangling symlink, a name too long, a folder the system refuses
+            raise GkpError(f"sweep OUTDIR {outdir}: cannot make it ({exc.strerror or exc})") from None
     try:
         with Outputs() as outputs:
             outputs.read_model(args.input)
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             outdir.rmdir()  # nothing left behind
         raise
     print(table)
-    print(f"wrote {len(models)} models, sweep.md, sweep.json" + (", sweep.png" if plot_path else
+    print(f"wrote {len(models)} model{'s' if len(models) > 1 else ''}, sweep.md, sweep.json" + (", sweep.png" if plot_path else
                                                                   " (install gkp-onnx[plot] for sweep.png)")
           + f" in {outdir}")
     return 0 if all(report.passed for report in reports) else 1
