@@ -47,7 +47,7 @@ from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import (RANDOM_BATCH, Dataset, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
+from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
                                run_model)
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,16 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     specs = input_specs(given, opts.input_shapes)
     input_notes += [assumed_note(spec) for spec in specs if spec.assumed]
     data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
+    held = None  # what the data chose or fit (refits, N:M and OBS scores, the budgets) is validated on samples
+    # it did not see; the N:M fidelity budget (--nm with --min-cosine) is kept, as documented, on all of --calib
+    fits = opts.reconstruct or opts.target_speedup or opts.nm or opts.ffn_ratio or opts.head_ratio
+    if data is not None and fits and not _nm_budget(opts):
+        split = data.held_out(1 if _dynamic_batch(given) else specs[0].shape[0])
+        if split is None:
+            input_notes.append(f"--calib has {len(data)} samples: fidelity is measured on the samples the fit saw "
+                               f"(give at least {4 * HOLDOUT_MIN} to hold some out)")
+        else:
+            data, held = split
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -153,7 +163,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
         chosen = {key: details[key] for key in ("allocation", "structured_budget") if key in details}
         timings["prune_transformer"] = time.perf_counter() - start
     nm_result = None
-    check = data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
+    check = held or data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
         if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
     if opts.nm:
         start = time.perf_counter()

@@ -29,6 +29,7 @@ from gkp_onnx.model_io import is_large, save_model
 from gkp_onnx.options import MAX_ELEMENTS, check
 
 RANDOM_BATCH = 8
+HOLDOUT_SHARE, HOLDOUT_MIN = 8, 16  # what fitting runs validate on: the last 1/8 of --calib, >= 16 samples
 RUN_BATCH = 64
 CUT_BATCH = 16  # samples per run when runs are cut after their last token: less padding per batch
 # an input of this name, [batch, sequence], marks padding tokens with 0 (the Hugging Face convention)
@@ -48,6 +49,18 @@ class Dataset:
         """The first `count` samples (and their labels)."""
         return Dataset({name: value[:count] for name, value in self.inputs.items()},
                        None if self.labels is None else self.labels[:count], self.source)
+
+    def held_out(self, step: int = 1) -> tuple[Dataset, Dataset] | None:
+        """(the samples to fit on, the last HOLDOUT_SHARE of them, at least HOLDOUT_MIN and whole
+        batches of `step`, to validate on), or None when fewer than 4 x HOLDOUT_MIN samples."""
+        if len(self) < 4 * HOLDOUT_MIN:
+            return None
+        count = -(-max(HOLDOUT_MIN, len(self) // HOLDOUT_SHARE) // step) * step
+        fit = len(self) - count
+        rest = Dataset({name: value[fit:] for name, value in self.inputs.items()},
+                       None if self.labels is None else self.labels[fit:],
+                       f"{self.source}, its last {count} samples (not fitted on)")
+        return self.first(fit), rest
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExecutionProvider",),

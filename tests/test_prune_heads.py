@@ -309,3 +309,13 @@ def test_a_decoder_with_a_kv_cache_keeps_its_cache_interface(tmp_path):
     feed |= {i.name: rng.standard_normal((1, 2, 4, 16)).astype(np.float32) for i in model.graph.input[1:]}
     before, after = run(model, feed), run(pruned, feed)
     assert [a.shape for a in after] == [b.shape for b in before]  # logits and the presents: [1, 2, 7, 16]
+
+
+def test_a_fit_is_validated_on_calibration_samples_it_did_not_see(tmp_path):
+    x = np.random.default_rng(3).standard_normal((96, S, D)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    _, report = optimize(attention(), gkp=False, head_ratio=0.5, calib=str(tmp_path / "calib.npz"), reconstruct=True)
+    assert report.fidelity.samples == 16 and "last 16 samples (not fitted on)" in report.fidelity.data
+    np.savez(tmp_path / "small.npz", x=x[:20])
+    _, report = optimize(attention(), gkp=False, head_ratio=0.5, calib=str(tmp_path / "small.npz"), reconstruct=True)
+    assert report.fidelity.samples == 20 and any("the samples the fit saw" in note for note in report.input_notes)
