@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from gkp_onnx import optimize
 from gkp_onnx.api import sweep
+from gkp_onnx.sweep_report import sweep_rows
 from gkp_onnx.validate import make_session
 from nm_sparsity import LLAMA, MINILM, RESULTS, SEQ, generate, next_token_metrics, sentence_embeddings
 
@@ -54,10 +55,10 @@ def latencies(sessions: list[ort.InferenceSession], feed: dict, rounds: int) -> 
     return list(np.median(times, axis=1)), list(np.median(times[0] / times, axis=1))
 
 
-def kept(report, heads: int, neurons: int) -> dict:
-    """Heads and neurons kept in the whole model (`heads`, `neurons`: its totals)."""
-    return {"heads": f"{heads - sum(b['heads'] - b['kept'] for b in report.heads)} of {heads}",
-            "neurons": f"{neurons - sum(b['neurons'] - b['kept'] for b in report.neurons)} of {neurons}"}
+def kept(report) -> dict:
+    """Heads and neurons kept in the whole model, of how many."""
+    row = sweep_rows([report])[0]
+    return {kind: f"{row[kind]} of {row[kind + '_of']}" for kind in ("heads", "neurons")}
 
 
 def minilm() -> list[dict]:
@@ -85,7 +86,7 @@ def minilm() -> list[dict]:
             pooled = sentence_embeddings(out, held_out)
             cosine = (pooled * reference).sum(1)
             budget = report.structured_budget
-            rows.append({"variant": variant, **kept(report, 72, 9216), "macs": report.after.macs / report.before.macs,
+            rows.append({"variant": variant, **kept(report), "macs": report.after.macs / report.before.macs,
                          "cosine_mean": float(cosine.mean()), "cosine_worst": float(cosine.min()),
                          "neighbour_agreement": float((np.argsort(-(pooled @ pooled.T), 1)[:, 1] == neighbours).mean()),
                          "optimize_seconds": seconds, "budget_speedup": budget["speedup"] if budget else None})
@@ -126,7 +127,7 @@ def tiny_llama() -> list[dict]:
         for variant, out, report in results:
             session = make_session(out, spinning=False)
             sessions.append(session)
-            rows.append({"variant": variant, **kept(report, 16, 688), "macs": report.after.macs / report.before.macs,
+            rows.append({"variant": variant, **kept(report), "macs": report.after.macs / report.before.macs,
                          "evaluation_tokens": int(evaluation.size),
                          "budget_speedup": report.structured_budget["speedup"] if report.structured_budget else None,
                          **next_token_metrics(session, evaluation, dense_logits)})

@@ -204,7 +204,8 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     report = Report(source=source, plan=plan, before=model_stats(given, specs),
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes,
                     neurons=details.get("neurons", []), heads=details.get("heads", []),
-                    heads_skipped=details.get("heads_skipped", []), structured_budget=details.get("structured_budget"))
+                    heads_skipped=details.get("heads_skipped", []), structured_budget=details.get("structured_budget"),
+                    structured_totals=details.get("totals", {}))
     if nm_result:
         nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
@@ -215,6 +216,10 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
         report.fidelity = compare(given, optimized, check)
         report.failures = opts.thresholds.failures(report.fidelity)
         timings["validate"] = time.perf_counter() - start
+    budget = details.get("structured_budget")
+    if budget and not budget["met"]:
+        report.failures.append(f"--target-speedup {budget['target_speedup']:g} missed: the fastest allocation "
+                               f"measured {budget['speedup']:.2f}x")
     if latency is not None:
         report.latency = latency
         report.failures += [f"optimized model is slower than the input on {t.provider} at batch {t.batch} "
@@ -296,6 +301,7 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
     model, _ = run_passes(pruning(allocation), model, plan, found, keep=True)
     details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
     details["heads_skipped"] = found.get("heads_skipped", [])
+    details["totals"] = {"heads": found.get("heads_total", 0), "neurons": found.get("neurons_total", 0)}
     details["neuron_orders"] = {**found.get("output_orders", {}), **found.get("head_orders", {})}
     layers = [name for region in details["neurons"] for name in region["consumers"]] \
         + [block["output"] for block in details["heads"]]

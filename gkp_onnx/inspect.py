@@ -100,7 +100,7 @@ def _transformer_roles(model, shapes) -> tuple[dict[str, str], list[str]]:
         heads = f"{dims[-3]} heads" if len(dims) >= 3 else "heads"
         for node, role in ((block.query, "query"), (block.key, "key"), (block.value, "value"),
                            (block.output, "output")):
-            role = "query/key/value" if block.split else role
+            role = "query/key/value" if block.split and role != "output" else role
             roles.setdefault(node.name, f"attention {role}: {heads} (--head-ratio)")
     for node, reason in skipped:
         roles[node] = f"attention output, heads kept: {reason}"

@@ -253,6 +253,9 @@ class OptimizeOptions:
         check("target_speedup", self.target_speedup)
         if self.target_speedup is not None and not self.calib:
             raise GkpError("--target-speedup measures each block's damage on calibration data: give --calib data.npz")
+        if self.plan is not None and (self.ffn_ratio or self.head_ratio or self.target_speedup):
+            raise GkpError("--plan replays GKP's Conv plan; the heads and neurons removed are not in it: give "
+                           "--ffn-ratio / --head-ratio / --target-speedup without --plan")
         if self.target_speedup is not None and (self.ffn_ratio is not None or self.head_ratio is not None):
             raise GkpError("--target-speedup chooses the heads and neurons each block keeps: give it or "
                            "--ffn-ratio / --head-ratio, not both")

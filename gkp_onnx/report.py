@@ -40,6 +40,7 @@ class Report:
     heads: list[dict] = field(default_factory=list)  # prune_heads: per attention block, heads and kept
     heads_skipped: list[tuple[str, str]] = field(default_factory=list)  # (output projection, why left whole)
     structured_budget: dict | None = None  # --target-speedup: the target, what was measured, the damage table
+    structured_totals: dict = field(default_factory=dict)  # heads / neurons in all the blocks found (pruned or not)
 
     @property
     def passed(self) -> bool:
@@ -93,6 +94,7 @@ class Report:
             "heads": self.heads,
             "heads_skipped": [{"node": node, "reason": reason} for node, reason in self.heads_skipped],
             "structured_budget": self.structured_budget,
+            "structured_totals": self.structured_totals,
         }
 
     def _structured_flag(self, ratio_flag: str) -> str:

@@ -31,12 +31,16 @@ def sweep_rows(reports: list[Report]) -> list[dict]:
             "macs": report.after.macs / report.before.macs if report.before.macs else None,
             "cosine": fidelity.min_cosine if fidelity else None,
             "data": fidelity.data if fidelity else None,
-            "heads": sum(block["kept"] for block in report.heads),
-            "heads_of": sum(block["heads"] for block in report.heads),
-            "neurons": sum(block["kept"] for block in report.neurons),
-            "neurons_of": sum(block["neurons"] for block in report.neurons),
+            **_kept(report, "heads"), **_kept(report, "neurons"),
         })
     return rows
+
+
+def _kept(report: Report, kind: str) -> dict:
+    """{kind: kept in the whole model, kind_of: in all the blocks found} (blocks left whole count too)."""
+    blocks = report.heads if kind == "heads" else report.neurons
+    total = report.structured_totals.get(kind, 0)
+    return {kind: total - sum(block[kind] - block["kept"] for block in blocks), f"{kind}_of": total}
 
 
 def sweep_table(rows: list[dict]) -> str:

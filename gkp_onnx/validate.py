@@ -179,6 +179,11 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
         inputs = {name: array[chosen] for name, array in inputs.items()}
         labels = None if labels is None else labels[chosen]
     _check_finite(f"data file {path}", inputs)
+    mask = inputs.get(PADDING_INPUT)
+    if mask is not None and mask.ndim == 2 and not (mask != 0).any(axis=1).all():
+        empty = int(np.flatnonzero(~(mask != 0).any(axis=1))[0])
+        raise GkpError(f"data file {path}: {PADDING_INPUT} of sample {empty} has no token (all zeros); every "
+                       f"sample needs at least one")
     return Dataset(inputs, labels, source=str(path))
 
 

@@ -144,7 +144,8 @@ class PruneHeads(Pass):
                            "kv_heads": block.kv_heads, "kept_kv": len(units)})
             orders.update({node.name: columns for node, columns in block.projection_columns(units)})
         return PassResult(model, plan, modified=bool(edits),
-                          details={"heads": pruned, "head_orders": orders, "heads_skipped": skipped})
+                          details={"heads": pruned, "head_orders": orders, "heads_skipped": skipped,
+                                   "heads_total": sum(block.heads for block in blocks)})
 
     def _kept(self, block: AttentionBlock, keep: int, initializers) -> np.ndarray:
         """The `keep` units (a key/value head and its query heads) to keep, sorted."""

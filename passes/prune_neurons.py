@@ -44,9 +44,10 @@ class PruneNeurons(Pass):
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         regions = ffn_regions(model, self.exclude)
         initializers = initializer_map(model.graph)
-        pruned, orders = [], {}  # orders: per source MatMul/Gemm, the original output channels it keeps
+        pruned, orders, total = [], {}, 0  # orders: per source MatMul/Gemm, the original output channels it keeps
         for tensor, region in regions:
             width = initializers[region.consumers[0][0].input[1]].dims[region.consumers[0][1]]
+            total += width
             keep = self.keep.get(tensor, kept_neurons(width, self.ratio))
             if keep >= width:
                 continue
@@ -70,7 +71,8 @@ class PruneNeurons(Pass):
                     model.graph.value_info.remove(value)
             pruned.append({"consumers": [c.name for c, _ in region.consumers], "neurons": width, "kept": keep})
             orders.update({source.name: kept for source, _ in region.sources})
-        return PassResult(model, plan, modified=bool(pruned), details={"neurons": pruned, "output_orders": orders})
+        return PassResult(model, plan, modified=bool(pruned), details={"neurons": pruned, "output_orders": orders,
+                                                                      "neurons_total": total})
 
 
 def ffn_regions(model: onnx.ModelProto, exclude=()) -> list:

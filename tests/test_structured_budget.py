@@ -106,6 +106,8 @@ def test_command_line_target_speedup_is_checked(tmp_path, capsys):
     line = cli_error(capsys, ["optimize", str(tmp_path / "cnn.onnx"), out, "--no-gkp", "--target-speedup", "1.5",
                               "--calib", str(tmp_path / "images.npz")])
     assert "has none" in line
-    assert main(["optimize", str(path), out, "--no-gkp", "--target-speedup", "1.2", "--calib",
-                 str(tmp_path / "calib.npz"), "--bench-repeats", "3"]) == 0
-    assert "--target-speedup 1.2: measured" in capsys.readouterr().out
+    # exit 1 says the target was missed (a 64-wide model may not run faster): the report says by how much
+    code = main(["optimize", str(path), out, "--no-gkp", "--target-speedup", "1.2", "--calib",
+                 str(tmp_path / "calib.npz"), "--bench-repeats", "3"])
+    text = capsys.readouterr().out
+    assert "--target-speedup 1.2: measured" in text and code == (0 if ": measured" in text and ", met;" in text else 1)

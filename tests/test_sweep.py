@@ -60,6 +60,7 @@ def test_command_line_writes_the_family_and_its_table(files, capsys):
                              + (["sweep.png"] if plot_available() else []))
     rows = json.loads((outdir / "sweep.json").read_text())["rows"]
     assert [row["target_speedup"] for row in rows] == [1.2, 1.5]
+    assert all(row["heads_of"] == 4 and row["neurons_of"] == 128 and row["neurons"] <= 128 for row in rows)
     assert "| 1.5x |" in (outdir / "sweep.md").read_text() and "| 1.5x |" in capsys.readouterr().out
     if plot_available():
         assert (outdir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -195,3 +195,23 @@ def test_an_embedding_output_is_compared_pooled_and_a_classifier_by_top1():
     assert output_kinds(head) == {"logits": "values"}
     assert compare(head, head, data).outputs[0].top1_agreement == 1.0
     assert "top-1" in describe_measures(head)[0]
+
+
+def test_a_sample_without_a_token_is_refused(tmp_path):
+    from gkp_onnx.graph import input_specs
+    from gkp_onnx.validate import load_dataset
+
+    data = _padded_tokens(samples=8)
+    mask = data.inputs["attention_mask"].copy()
+    mask[3] = 0
+    np.savez(tmp_path / "calib.npz", ids=data.inputs["ids"], attention_mask=mask)
+    with pytest.raises(GkpError, match="attention_mask of sample 3 has no token"):
+        load_dataset(tmp_path / "calib.npz", input_specs(_masked_encoder(), {"ids": [1, 40], "attention_mask": [1, 40]}))
+
+
+def test_a_plan_cannot_replay_heads_or_neurons():
+    from gkp_onnx.options import OptimizeOptions
+
+    for extra in (dict(ffn_ratio=0.5), dict(head_ratio=0.5), dict(target_speedup=1.5, calib="c.npz")):
+        with pytest.raises(GkpError, match="--plan replays"):
+            OptimizeOptions(plan="plan.json", **extra).checked()
