@@ -47,7 +47,7 @@ from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
 from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
+from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, data_shapes, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
                                run_model)
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     ensure_node_names(given)
     check_finite(given, "input model")
     working = shortcuts_as_convs(given) if opts.gkp else given  # exact; what the passes work on
-    specs = input_specs(given, opts.input_shapes)
+    specs = _specs_from_data(given, opts) if opts.calib else input_specs(given, opts.input_shapes)
     input_notes += [assumed_note(spec) for spec in specs if spec.assumed]
     data = load_dataset(opts.calib, specs, images=opts.images) if opts.calib else None
     held = None  # what the data chose or fit (refits, N:M and OBS scores, the budgets) is validated on samples
@@ -311,6 +311,25 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
         details.setdefault("reconstruction", {}).update(
             {f"{name} (structured)": errors for name, errors in found["reconstruction"].items()})
     return model
+
+
+def _specs_from_data(model: onnx.ModelProto, opts: OptimizeOptions) -> list[InputSpec]:
+    """Input specs whose dynamic dims (beyond the batch) take their sizes from the --calib .npz."""
+    shapes = data_shapes(opts.calib) if str(opts.calib).endswith(".npz") else {}
+    inputs = graph_inputs(model)
+    if len(inputs) == 1 and "x" in shapes:
+        shapes[inputs[0].name] = shapes["x"]
+    given = {}
+    for value in inputs:
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in value.type.tensor_type.shape.dim]
+        found = shapes.get(value.name, [])
+        if value.name not in opts.input_shapes and len(found) == len(declared) > 1 and None in declared[1:]:
+            given[value.name] = [declared[0] or 1] + found[1:]
+    try:
+        return input_specs(model, {**given, **opts.input_shapes})
+    except GkpError:  # the data does not fit the model's declared dims: load_dataset says so
+        return input_specs(model, opts.input_shapes)
 
 
 def _nm_budget(opts: OptimizeOptions) -> bool:

@@ -122,6 +122,19 @@ def subset(count: int, limit: int | None, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
+def _dims(shape) -> str:
+    return ",".join(map(str, shape))
+
+
+def data_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """The shape of each array in an .npz, {} when it cannot be read (load_dataset says why)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: list(archive[key].shape) for key in archive.files}
+    except Exception:  # anything unreadable is reported, with its reason, by load_dataset
+        return {}
+
+
 def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch: bool = True,
                  images: ImageSpec | None = None, limit: int | None = None, seed: int = 0) -> Dataset:
     """Read an .npz (arrays keyed by input name or `x`, optional labels `y`) or an image folder
@@ -159,8 +172,10 @@ def load_dataset(path: str | os.PathLike, specs: list[InputSpec], dynamic_batch:
                            f"(it has: {', '.join(sorted(arrays))})")
         if array.ndim != len(spec.shape) or list(array.shape[1:]) != list(spec.shape[1:]) \
                 or (not dynamic_batch and array.shape[0] != spec.shape[0]):
+            hint = (f" (its dynamic dims were taken as {_dims(spec.shape)}; give --input-shape "
+                    f"{spec.name}:{_dims([1] + list(array.shape[1:]))} if the data is right)") if spec.assumed else ""
             raise GkpError(f"data file {path}: array for input '{spec.name}' has shape {list(array.shape)}, "
-                           f"the model expects [N, {', '.join(map(str, spec.shape[1:]))}]")
+                           f"the model expects [N, {', '.join(map(str, spec.shape[1:]))}]{hint}")
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
             raise GkpError(f"data file {path}: array for input '{spec.name}' is {array.dtype}, "
                            f"the model expects {spec.dtype}")

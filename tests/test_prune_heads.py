@@ -319,3 +319,14 @@ def test_a_fit_is_validated_on_calibration_samples_it_did_not_see(tmp_path):
     np.savez(tmp_path / "small.npz", x=x[:20])
     _, report = optimize(attention(), gkp=False, head_ratio=0.5, calib=str(tmp_path / "small.npz"), reconstruct=True)
     assert report.fidelity.samples == 20 and any("the samples the fit saw" in note for note in report.input_notes)
+
+
+def test_dynamic_dims_take_their_sizes_from_the_calibration_data(tmp_path):
+    model = attention()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[1].dim_param = "sequence"
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 5, D)).astype(np.float32))
+    _, report = optimize(model, gkp=False, head_ratio=0.5, calib=str(tmp_path / "calib.npz"))
+    assert not any("dynamic dimensions" in note for note in report.input_notes)
+    _, given = optimize(model, gkp=False, head_ratio=0.5, input_shapes={"x": [1, 5, D]})
+    assert report.before.macs == given.before.macs  # counted at the data's 5 tokens
