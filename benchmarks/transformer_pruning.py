@@ -58,7 +58,8 @@ def latencies(sessions: list[ort.InferenceSession], feed: dict, rounds: int) -> 
 def kept(report) -> dict:
     """Heads and neurons kept in the whole model, of how many."""
     row = sweep_rows([report])[0]
-    return {kind: f"{row[kind]} of {row[kind + '_of']}" for kind in ("heads", "neurons")}
+    return {kind: f"{row[kind]} of {row[kind + '_of']}" if row[kind + "_of"] else "all"
+            for kind in ("heads", "neurons")}
 
 
 def minilm() -> list[dict]:

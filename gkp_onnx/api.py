@@ -38,17 +38,17 @@ from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
 from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, head_inputs
-from gkp_onnx.passes.structured_budget import StructuredBudget
 from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
 from gkp_onnx.passes.select_kernels import SelectKernels
 from gkp_onnx.passes.shortcut_convs import shortcuts_as_convs
+from gkp_onnx.passes.structured_budget import StructuredBudget
 from gkp_onnx.pipeline import Pass, PassContractError, run_passes
 from gkp_onnx.plan import Plan
 from gkp_onnx.report import Report
-from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, data_shapes, channel_covariances, channel_rms, compare, load_dataset, make_session, random_dataset,
-                               run_model)
+from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, channel_covariances, channel_rms, compare,
+                               data_shapes, load_dataset, make_session, random_dataset, run_model)
 
 log = logging.getLogger(__name__)
 HEAD_CHECK_ROWS = 2  # samples each pruned attention block is checked on against the masked dense model

@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, initializer_map, node_attr, reduction_axis
+from gkp_onnx.graph import (BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, initializer_map, node_attr, reader_lists,
+                            reduction_axis)
 
 MAX_BLOCK_ELEMENTS = 20_000_000  # bounds the memory of one vectorised swap evaluation
 TABLE_ELEMENTS = 8_000_000  # R * K^2 * m of one searched window: bounds the time of a swap table
@@ -174,10 +175,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
     """The region around `tensor` (K = `channels`), or None when the order cannot be changed for free."""
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
-    readers = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    readers = defaultdict(list, reader_lists(model.graph))
     outputs = {o.name for o in model.graph.output}
 
     def plain_weight(node) -> str | None:

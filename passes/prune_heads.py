@@ -34,7 +34,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import drop_unread, initializer_map, node_attr, output_bias, reduction_axis, weight_rows
+from gkp_onnx.graph import (drop_unread, initializer_map, node_attr, output_bias, reader_lists, reduction_axis,
+                            weight_rows)
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
@@ -173,10 +174,7 @@ def attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
     """(block without sizes, Q K^T MatMul, P V MatMul) per attention core found; (output, reason) skipped."""
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
-    readers = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    readers = defaultdict(list, reader_lists(model.graph))
     outputs = {o.name for o in model.graph.output}
     inputs = {i.name for i in model.graph.input}
 

@@ -26,6 +26,15 @@ def graph_index(graph: onnx.GraphProto) -> GraphIndex:
                       {o.name for o in graph.output})
 
 
+def reader_lists(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> every node reading it, in graph order (a node reading it twice, twice)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def node_attr(node: onnx.NodeProto, name: str, default=None):
     """The value of a node attribute, or `default` when the node does not set it."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
