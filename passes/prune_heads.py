@@ -22,7 +22,8 @@ is left dense, with the reason in the details. Which heads: with calibration dat
 Optimal Brain Surgeon keeps on the covariance of the output projection's input (heads as blocks
 of channels; gkp_onnx.structured.obs_kept); without, the best by the norms of their value columns
 x their output rows. A fused QKV projection cut by one Split (GPT-2's c_attn) loses its columns part
-by part and the Split's sizes follow; a projection shared any other way is left whole (reason given).
+by part and the Split's sizes follow; a projection shared any other way is left whole (reason given),
+and so is a block whose keys and values are a KV cache the graph takes or returns (its interface).
 """
 
 from __future__ import annotations
