@@ -205,7 +205,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
                     after=model_stats(optimized, specs), timings=timings, nm=nm_result, input_notes=input_notes,
                     neurons=details.get("neurons", []), heads=details.get("heads", []),
                     heads_skipped=details.get("heads_skipped", []), structured_budget=details.get("structured_budget"),
-                    structured_totals=details.get("totals", {}))
+                    structured_totals=details.get("totals", {}), notes=details.get("notes", []))
     if nm_result:
         nm_result.eligible_mac_share = share_of_macs(report.after.node_macs, {layer.node for layer in nm_result.layers})
     if opts.reconstruct or (nm_result and nm_result.reconstruction):
@@ -302,6 +302,11 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
     details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
     details["heads_skipped"] = found.get("heads_skipped", [])
     details["totals"] = {"heads": found.get("heads_total", 0), "neurons": found.get("neurons_total", 0)}
+    details["notes"] = ([f"--head-ratio {opts.head_ratio:g}: the model has no attention block whose heads can be "
+                         f"removed"] if opts.head_ratio and not details["heads"] and not details["heads_skipped"]
+                        else []) \
+        + ([f"--ffn-ratio {opts.ffn_ratio:g}: the model has no feed-forward block whose neurons can be removed"]
+           if opts.ffn_ratio and not details["totals"]["neurons"] else [])
     details["neuron_orders"] = {**found.get("output_orders", {}), **found.get("head_orders", {})}
     layers = [name for region in details["neurons"] for name in region["consumers"]] \
         + [block["output"] for block in details["heads"]]

@@ -36,6 +36,7 @@ class Report:
     latency: list | None = None  # bench.Timing rows: input vs optimized
     reconstruction: dict[str, tuple[float, float]] | None = None  # layer -> output MSE before/after refit
     input_notes: list[str] = field(default_factory=list)  # what loading changed or assumed (canonical form, shapes)
+    notes: list[str] = field(default_factory=list)  # what an option found nothing to do on
     neurons: list[dict] = field(default_factory=list)  # prune_neurons: per feed-forward block, neurons and kept
     heads: list[dict] = field(default_factory=list)  # prune_heads: per attention block, heads and kept
     heads_skipped: list[tuple[str, str]] = field(default_factory=list)  # (output projection, why left whole)
@@ -64,7 +65,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "source": self.source,
-            "notes": self.input_notes + ([NM_NOTE] if self.nm is not None else []),
+            "notes": self.input_notes + self.notes + ([NM_NOTE] if self.nm is not None else []),
             "ratio": self.plan.ratio,
             "method": self.plan.method,
             "seed": self.plan.seed,
@@ -110,7 +111,8 @@ class Report:
 
     def table(self, max_layers: int = 200) -> str:
         lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
-                 f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.input_notes] + [""]
+                 f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.input_notes] \
+            + [f"note: {note}" for note in self.notes] + [""]
         if self.plan.layers:
             width = max([len(layer.node) for layer in self.plan.layers] + [5])
             lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "

@@ -330,3 +330,12 @@ def test_dynamic_dims_take_their_sizes_from_the_calibration_data(tmp_path):
     assert not any("dynamic dimensions" in note for note in report.input_notes)
     _, given = optimize(model, gkp=False, head_ratio=0.5, input_shapes={"x": [1, 5, D]})
     assert report.before.macs == given.before.macs  # counted at the data's 5 tokens
+
+
+def test_head_and_ffn_ratios_on_a_model_without_such_blocks_say_so():
+    from fixtures import TOPOLOGIES
+
+    _, report = optimize(TOPOLOGIES["chain"](), head_ratio=0.5, ffn_ratio=0.3)  # GKP prunes the Convs
+    assert report.notes == ["--head-ratio 0.5: the model has no attention block whose heads can be removed",
+                            "--ffn-ratio 0.3: the model has no feed-forward block whose neurons can be removed"]
+    assert "note: --head-ratio 0.5" in report.table()

@@ -140,8 +140,9 @@ def thresholds(args: argparse.Namespace) -> Thresholds:
                       getattr(args, "min_top1_agreement", None))
 
 
-def add_pruning(parser: argparse.ArgumentParser) -> None:
-    """The options of `optimize` that choose what is pruned (optimize and demo)."""
+def add_pruning(parser: argparse.ArgumentParser, structured: bool = True) -> None:
+    """The options of `optimize` that choose what is pruned (optimize and demo; sweep, which chooses
+    the heads and neurons itself, without `structured`)."""
     group = parser.add_argument_group("pruning")
     group.add_argument("--ratio", type=float, default=DEFAULTS.ratio,  # checked by OptimizeOptions.checked()
                        help=f"share of input channels each filter group drops, in [0, 1) (default {DEFAULTS.ratio})")
@@ -153,16 +154,17 @@ def add_pruning(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="leave Convs whose node or weight name matches dense (repeatable)")
     group.add_argument("--include-stem", action="store_true", help="also prune the stem Conv")
-    group.add_argument("--ffn-ratio", type=float, metavar="R",
-                       help="transformers: share of feed-forward neurons to remove, in [0, 1) (MatMul -> activation "
-                            "-> MatMul blocks; a smaller dense model)")
-    group.add_argument("--head-ratio", type=float, metavar="R",
-                       help="transformers: share of attention heads to remove, in [0, 1) (Q/K/V columns and output "
-                            "projection rows per head; with grouped-query attention whole key/value groups)")
-    group.add_argument("--target-speedup", type=float, metavar="X",
-                       help="transformers, with --calib: remove the attention heads and feed-forward neurons that "
-                            "cost the least fidelity per MAC, block by block, until the model measures X times "
-                            "faster than the input (onnxruntime, the first --bench provider and batch)")
+    if structured:
+        group.add_argument("--ffn-ratio", type=float, metavar="R",
+                           help="transformers: share of feed-forward neurons to remove, in [0, 1) (MatMul -> "
+                                "activation -> MatMul blocks; kept counts are multiples of 16; a smaller dense model)")
+        group.add_argument("--head-ratio", type=float, metavar="R",
+                           help="transformers: share of attention heads to remove, in [0, 1) (Q/K/V columns and "
+                                "output projection rows per head; with grouped-query attention whole key/value groups)")
+        group.add_argument("--target-speedup", type=float, metavar="X",
+                           help="transformers, with --calib: remove the attention heads and feed-forward neurons that "
+                                "cost the least fidelity per MAC, block by block, until the model measures X times "
+                                "faster than the input (onnxruntime, the first --bench provider and batch)")
     group.add_argument("--min-group-width", type=option("min_group_width"), default=DEFAULTS.min_group_width,
                        help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
     group.add_argument("--speed-weight", type=option("speed_weight"), default=DEFAULTS.speed_weight,

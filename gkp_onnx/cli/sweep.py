@@ -29,7 +29,7 @@ def register(sub) -> None:
                                   "succeeds)")
     p.add_argument("--targets", type=targets, required=True, metavar="X1,X2,..",
                    help="measured speed-ups to reach, each in (1, 10]")
-    shared.add_pruning(p)
+    shared.add_pruning(p, structured=False)
     shared.add_shapes(p)
     p.add_argument("--calib", metavar="DATA.npz|DIR",
                    help="inputs the damage of each block is measured on (and fidelity validated on); needed")
