@@ -140,7 +140,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     held = None  # what the data chose or fit (refits, N:M and OBS scores, the budgets) is validated on samples
     # it did not see; the N:M fidelity budget (--nm with --min-cosine) is kept, as documented, on all of --calib
     fits = opts.reconstruct or opts.target_speedup or opts.nm or opts.ffn_ratio or opts.head_ratio
-    if data is not None and fits and not _nm_budget(opts):
+    if data is not None and fits and opts.validate and not _nm_budget(opts):  # nothing to validate: fit on all
         split = data.held_out(1 if _dynamic_batch(given) else specs[0].shape[0])
         if split is None:
             input_notes.append(f"--calib has {len(data)} samples: fidelity is measured on the samples the fit saw "
