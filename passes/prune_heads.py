@@ -286,46 +286,52 @@ def _walk_single(tensor, producers, initializers, ops) -> onnx.NodeProto | None:
     return node
 
 
-def _find_up(tensor, producers, initializers, ops, wanted) -> list[onnx.NodeProto]:
-    """The nearest producers up from `tensor` that satisfy `wanted`, through nodes in `ops`."""
-    found, seen, todo = [], set(), [tensor]
-    while todo:
-        name = todo.pop()
-        node = producers.get(name)
-        if name in seen or node is None or name in initializers:
-            continue
-        seen.add(name)
-        if wanted(node):
-            found.append(node)
-        elif node.op_type in ops:
-            todo.extend(t for t in (node.input[1:] if node.op_type == "Where" else node.input) if t)
-    return found
-
-
-def _projection(tensor, producers, initializers, readers):
-    """(the one MatMul/Gemm with a constant 2-D weight up from `tensor`, the nodes on the way, the
-    (Split, output index) the way came through or None)."""
-    path, found, seen, todo, parts = [], [], set(), [tensor], set()
+def _walk_up(tensor, producers, initializers, follow) -> None:
+    """Visit each computed tensor up from `tensor` once: `follow(name, its producer)` returns the
+    inputs to go on to."""
+    seen, todo = set(), [tensor]
     while todo:
         name = todo.pop()
         node = producers.get(name)
         if name in seen or name in initializers or node is None:
             continue
         seen.add(name)
+        todo.extend(t for t in follow(name, node) if t)
+
+
+def _find_up(tensor, producers, initializers, ops, wanted) -> list[onnx.NodeProto]:
+    """The nearest producers up from `tensor` that satisfy `wanted`, through nodes in `ops`."""
+    found = []
+
+    def follow(name, node):
+        if wanted(node):
+            found.append(node)
+            return []
+        return (node.input[1:] if node.op_type == "Where" else node.input) if node.op_type in ops else []
+
+    _walk_up(tensor, producers, initializers, follow)
+    return found
+
+
+def _projection(tensor, producers, initializers, readers):
+    """(the one MatMul/Gemm with a constant 2-D weight up from `tensor`, the nodes on the way, the
+    (Split, output index) the way came through or None)."""
+    path, found, parts, refused = [], [], set(), []
+
+    def follow(name, node):
         if node.op_type == "Split":
             parts.add((node.name, list(node.output).index(name)))
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in initializers:
-            if len(initializers[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1:
-                return None
-            if node.op_type == "Gemm" and node_attr(node, "transA", 0):
-                return None
-            found.append(node)
-            continue
+            shared = len(initializers[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1
+            (refused if shared or node.op_type == "Gemm" and node_attr(node, "transA", 0) else found).append(node)
+            return []
         if node.op_type not in PATH_OPS:
-            continue  # a side input (a RoPE table, a position computation): not the data path
+            return []  # a side input (a RoPE table, a position computation): not the data path
         path.append(node)
-        todo.extend(t for t in (node.input[:1] if node.op_type in ONE_DATA_INPUT else node.input) if t)
-    if len(found) != 1 or len(parts) > 1:
+        return node.input[:1] if node.op_type in ONE_DATA_INPUT else node.input
+
+    _walk_up(tensor, producers, initializers, follow)
+    if refused or len(found) != 1 or len(parts) > 1:
         return None
     return found[0], path, next(iter(parts), None)
 
