@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,11 @@ class Dataset:
 
     def first(self, count: int) -> Dataset:
         """The first `count` samples (and their labels)."""
-        return Dataset({name: value[:count] for name, value in self.inputs.items()},
-                       None if self.labels is None else self.labels[:count], self.source)
+        return self._part(slice(None, count), self.source)
+
+    def _part(self, rows: slice, source: str) -> Dataset:
+        return Dataset({name: value[rows] for name, value in self.inputs.items()},
+                       None if self.labels is None else self.labels[rows], source)
 
     def held_out(self, step: int = 1) -> tuple[Dataset, Dataset] | None:
         """(the samples to fit on, the last HOLDOUT_SHARE of them, at least HOLDOUT_MIN and whole
@@ -57,10 +61,7 @@ class Dataset:
             return None
         count = -(-max(HOLDOUT_MIN, len(self) // HOLDOUT_SHARE) // step) * step
         fit = len(self) - count
-        rest = Dataset({name: value[fit:] for name, value in self.inputs.items()},
-                       None if self.labels is None else self.labels[fit:],
-                       f"{self.source}, its last {count} samples (not fitted on)")
-        return self.first(fit), rest
+        return self.first(fit), self._part(slice(fit, None), f"{self.source}, its last {count} samples (not fitted on)")
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers=("CPUExecutionProvider",),
@@ -127,11 +128,24 @@ def _dims(shape) -> str:
 
 
 def data_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
-    """The shape of each array in an .npz, {} when it cannot be read (load_dataset says why)."""
+    """The shape of each array in an .npz, read from the .npy headers (not the data); {} when it
+    cannot be read (load_dataset says why)."""
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as stream:
+                    shapes[member.removesuffix(".npy")] = list(readers[npy.read_magic(stream)](stream)[0])
+        return shapes
+    except Exception:  # a .npy version without a public header reader: load it; anything unreadable is
+        pass           # load_dataset's to report
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: list(archive[key].shape) for key in archive.files}
-    except Exception:  # anything unreadable is reported, with its reason, by load_dataset
+    except Exception:
         return {}
 
 

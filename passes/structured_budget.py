@@ -111,14 +111,14 @@ class StructuredBudget(Pass):
                 continue
             mean, covariance = self.covariances[tensor]
             fed = [weight_rows(node, initializers) for node in consumers]
+            biases = [output_bias(model, node, initializers) for node in consumers]  # scans the graph: once
             rows = np.concatenate([r for r, _ in fed], axis=1)
             macs = sum(self.macs.get(n) or 0 for n in nodes)
             for keep, (_, compensated) in sorted(obs_path(covariance, rows, keeps, unit).items(), reverse=True):
                 feed, start = dict(dense), 0
-                for node, (part, restore) in zip(consumers, fed):
+                for node, (part, restore), bias in zip(consumers, fed, biases):
                     new = compensated[:, start:start + part.shape[1]]
                     feed[node.input[1]] = restore(new)
-                    bias = output_bias(model, node, initializers)
                     if bias:  # the intercept: the mean the removed and changed rows contributed
                         feed[bias] = (dense[bias] + (mean @ (part - new)).reshape(dense[bias].shape)
                                       ).astype(dense[bias].dtype)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gkp_onnx.cli import args as shared
+from gkp_onnx.errors import GkpError
 from gkp_onnx.options import DEFAULTS, check_targets
 
 
@@ -16,7 +17,7 @@ def targets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected speed-ups like 1.25,1.5,2, got {text!r}") from None
     try:
         return check_targets(values)
-    except Exception as exc:  # GkpError: argparse names the flag
+    except GkpError as exc:  # argparse names the flag
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--targets: ")) from None
 
 
@@ -48,7 +49,6 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gkp_onnx.api import sweep
-    from gkp_onnx.errors import GkpError
     from gkp_onnx.model_io import write_model
     from gkp_onnx.outputs import Outputs
     from gkp_onnx.sweep_report import plot_available, sweep_rows, sweep_table, write_json, write_plot
