@@ -47,7 +47,12 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
 
     roles, transformer = _transformer_roles(model, shapes)
     rows = []
+    top = {node.name for node in model.graph.node}
     for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            weight = initializers.get(node.input[1])
+            rows.append((node.name, node.op_type, _shape(list(weight.dims)) if weight is not None else "-",
+                         _shape(shapes.get(node.output[0])), None, 0, "-", "-", "-", "GKP: " + skipped[node.name]))
         if node.op_type not in MAC_OPS:
             continue
         ref = find_weight(node, producers, initializers)
@@ -68,6 +73,8 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
         rows.append((node.name, node.op_type, weight, _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name),
                      params, axis, is_nm, trt, status))
 
+    rows += [(s.node, s.op, "-", "-", None, 0, "-", "-", "-", "GKP: " + s.reason)
+             for s in plan.skipped if s.node not in top]  # in subgraphs
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{path}: inputs " + ", ".join(f"{s.name} {_shape(s.shape)} {s.dtype}" for s in specs)]
     notes = details["canonical"] + [assumed_note(spec) for spec in specs if spec.assumed]

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import (BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, initializer_map, node_attr, reader_lists,
+from gkp_onnx.graph import (BINARY_PER_CHANNEL, UNARY_ELEMENTWISE, initializer_map, node_attr, pinned, reader_lists,
                             reduction_axis)
 
 MAX_BLOCK_ELEMENTS = 20_000_000  # bounds the memory of one vectorised swap evaluation
@@ -176,7 +176,7 @@ def find_region(model: onnx.ModelProto, tensor: str, channels: int) -> Region | 
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
     readers = defaultdict(list, reader_lists(model.graph))
-    outputs = {o.name for o in model.graph.output}
+    outputs = pinned(model.graph)
 
     def plain_weight(node) -> str | None:
         name = node.input[1] if len(node.input) > 1 else ""

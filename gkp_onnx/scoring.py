@@ -28,6 +28,8 @@ The constants are TMI-GKP's published ResNet-56 setting (m = 20% of the kept set
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import replace
 
 import numpy as np
@@ -45,7 +47,7 @@ SR_BEAM = 8
 
 def max_retained_importance(weight: np.ndarray, kept_per_filter: int) -> float:
     """Upper bound of R(G) for any grouping: every filter keeps its n strongest kernels."""
-    energy = (weight.astype(np.float64) ** 2).sum(axis=(2, 3))
+    energy = (weight.astype(np.float64) ** 2).reshape(*weight.shape[:2], -1).sum(axis=2)
     total = energy.sum()
     return 1.0 if total == 0 else float(-np.sort(-energy, axis=1)[:, :kept_per_filter].sum() / total)
 
@@ -128,11 +130,13 @@ def geometric_median(points: np.ndarray, iterations: int = 200, tol: float = 1e-
 
 
 def grouped_kernels(weight: np.ndarray, groups: list[list[int]]) -> np.ndarray:
-    """[G, Ci, d*kh*kw]: the grouped kernel W[F_g, j] of every group g and input channel j."""
+    """[G, Ci, d*kh*kw]: the grouped kernel W[F_g, j] of every group g and input channel j
+    (any number of kernel dimensions: Conv1d, 2d, 3d)."""
     members = np.asarray(groups)  # [G, d]
     g, d = members.shape
-    ci = weight.shape[1]
-    return weight[members].astype(np.float64).transpose(0, 2, 1, 3, 4).reshape(g, ci, -1)
+    co, ci = weight.shape[:2]
+    flat = weight.reshape(co, ci, -1)
+    return flat[members].astype(np.float64).transpose(0, 2, 1, 3).reshape(g, ci, -1)
 
 
 def kernel_scores(weight: np.ndarray, groups: list[list[int]], method: str = "leanflex",
@@ -152,16 +156,19 @@ def kernel_scores(weight: np.ndarray, groups: list[list[int]], method: str = "le
 
 
 def roughness(weight: np.ndarray) -> np.ndarray:
-    """[Co, Ci] sum over neighbouring kernel positions (8-neighbourhood, each pair once) of
-    |w_a^2 - w_b^2|; 0 for 1x1 kernels."""
+    """[Co, Ci] sum over neighbouring kernel positions (the 8-neighbourhood in 2-D, 2 in 1-D, 26 in
+    3-D; each pair once) of |w_a^2 - w_b^2|; 0 for 1x1 kernels."""
     w2 = weight.astype(np.float64) ** 2
     total = np.zeros(weight.shape[:2])
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        h, w = w2.shape[2] - dy, w2.shape[3] - abs(dx)
-        if h > 0 and w > 0:
-            a = w2[:, :, :h, max(0, -dx):max(0, -dx) + w]
-            b = w2[:, :, dy:dy + h, max(0, dx):max(0, dx) + w]
-            total += np.abs(a - b).sum(axis=(2, 3))
+    spatial = w2.shape[2:]
+    for offset in itertools.product((-1, 0, 1), repeat=len(spatial)):
+        if not any(offset) or offset[np.flatnonzero(offset)[0]] < 0:  # each pair once
+            continue
+        if any(abs(o) >= size for o, size in zip(offset, spatial)):
+            continue
+        a = w2[(..., *(slice(max(0, -o), size - max(0, o)) for o, size in zip(offset, spatial)))]
+        b = w2[(..., *(slice(max(0, o), size - max(0, -o)) for o, size in zip(offset, spatial)))]
+        total += np.abs(a - b).sum(axis=tuple(range(2, w2.ndim)))
     return total
 
 
@@ -239,7 +246,7 @@ def keep_top(scores: np.ndarray, n: int) -> list[list[int]]:
 
 def retained_importance(weight: np.ndarray, groups: list[list[int]], kept: list[list[int]]) -> float:
     """Share of the layer's weight energy sum(W^2) held by the kept grouped kernels."""
-    energy = (weight.astype(np.float64) ** 2).sum(axis=(2, 3))  # [Co, Ci]
+    energy = (weight.astype(np.float64) ** 2).reshape(*weight.shape[:2], -1).sum(axis=2)  # [Co, Ci]
     total = energy.sum()
     if total == 0:
         return 1.0

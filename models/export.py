@@ -5,6 +5,7 @@
     python -m gkp_onnx.models.export vit_small out.onnx
     python -m gkp_onnx.models.export vgg16 out.onnx
     python -m gkp_onnx.models.export mobilenet_v2 out.onnx   (also mobilenet_v3)
+    python -m gkp_onnx.models.export speech_conv1d out.onnx  (also whisper_tiny_encoder)
 
 The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
 and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
+from gkp_onnx.models.audio import speech_conv1d
 from gkp_onnx.models.mobilenet import mobilenet_v2, mobilenet_v3
 from gkp_onnx.models.resnet50 import resnet50
 from gkp_onnx.models.vgg import vgg16
@@ -27,7 +29,8 @@ from gkp_onnx.models.vit import vit_small
 from gkp_onnx.models.whisper import whisper_tiny_encoder
 
 OPSET = 17
-MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "vit_small", "whisper_tiny_encoder"]
+MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "speech_conv1d", "vit_small",
+                            "whisper_tiny_encoder"]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -42,6 +45,8 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.n
         return vit_small(seed), (1, 3, 224, 224)
     if name == "whisper_tiny_encoder":
         return whisper_tiny_encoder(seed), (1, 80, 300)
+    if name == "speech_conv1d":
+        return speech_conv1d(seed), (1, 64, 400)
     if name == "vgg16":
         return vgg16(seed), (1, 3, 32, 32)
     if weights:

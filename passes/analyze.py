@@ -7,7 +7,9 @@ After:  the model is unchanged; `plan.layers` holds one `LayerPlan` per prunable
 
 A Conv is prunable when all of these hold:
 - its weight (input 1) is a constant initializer read by this node only, its bias (if any) too;
-- group == 1 and the weight is 4-D (a 2-D convolution);
+- group == 1 (Conv1d, 2d and 3d alike);
+- it is in the main graph (Convs in If / Loop / Scan subgraphs are skipped, and so are
+  ConvTranspose and QDQ Convs, whose weight is a DequantizeLinear of an integer tensor);
 - its name and its weight's name match none of the --exclude regexes;
 - it is not the stem: a Conv reading a graph input with <= 4 channels is skipped unless
   `include_stem` (the prior art keeps the stem dense);
@@ -33,6 +35,20 @@ from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
 STEM_MAX_CHANNELS = 4
 CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad")
+
+
+def _subgraph_convs(graph: onnx.GraphProto) -> list[SkippedLayer]:
+    """The Convs inside If branches and Loop / Scan bodies, at any depth: only the main graph is
+    rewritten (what the subgraphs read from it is left as it is: graph.pinned)."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                where = f"inside the '{attr.name}' subgraph of {node.op_type} '{node.name}'"
+                found += [SkippedLayer(inner.name, inner.op_type, f"{where}: only the main graph is rewritten")
+                          for inner in sub.node if inner.op_type in ("Conv", "ConvTranspose")]
+                found += _subgraph_convs(sub)
+    return found
 
 
 def kept_per_group(in_channels: int, ratio: float) -> int:
@@ -100,10 +116,13 @@ class Analyze(Pass):
         input_names = {i.name for i in graph_inputs(model)}
         plan.layers, plan.skipped = [], []
         folds_into = {}  # layer -> the Conv its input Gather folds into (whose outputs it then prunes)
+        plan.skipped += _subgraph_convs(model.graph)
         for node in model.graph.node:
+            if node.op_type == "ConvTranspose":
+                plan.skipped.append(SkippedLayer(node.name, node.op_type, "ConvTranspose: GKP rewrites Conv only"))
             if node.op_type != "Conv":
                 continue
-            reason = self._skip_reason(node, initializers, readers, input_names, shapes)
+            reason = self._skip_reason(node, initializers, producers, readers, input_names, shapes)
             if reason:
                 plan.skipped.append(SkippedLayer(node.name, node.op_type, reason))
                 continue
@@ -140,16 +159,16 @@ class Analyze(Pass):
             plan.layers = [layer for layer in plan.layers if layer.kept_per_group < layer.in_channels]
         return PassResult(model, plan, modified=False)
 
-    def _skip_reason(self, node, initializers, readers, input_names, shapes) -> str | None:
+    def _skip_reason(self, node, initializers, producers, readers, input_names, shapes) -> str | None:
         weight = node.input[1]
+        if weight in producers and producers[weight].op_type == "DequantizeLinear":
+            return "weight is quantized (QDQ: DequantizeLinear of an integer initializer): kept as it is"
         if weight not in initializers:
             return "weight is not a constant initializer (computed at run time)"
         group = node_attr(node, "group", 1)
         dims = list(initializers[weight].dims)
         if group != 1:
             return "depthwise Conv" if group == dims[0] and dims[1] == 1 else f"already grouped (group={group})"
-        if len(dims) != 4:
-            return f"{len(dims) - 2}-D convolution (only 2-D is rewritten)"
         if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
             return "bias is not a constant initializer"
         if readers[weight] > 1:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph import (drop_unread, initializer_map, node_attr, output_bias, reader_lists, reduction_axis,
+from gkp_onnx.graph import (drop_unread, initializer_map, node_attr, output_bias, pinned, reader_lists, reduction_axis,
                             weight_rows)
 from gkp_onnx.nm_permutation import take_channels
 from gkp_onnx.pipeline import Pass, PassResult
@@ -176,7 +176,7 @@ def attention_cores(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
     initializers = initializer_map(model.graph)
     producers = {o: node for node in model.graph.node for o in node.output}
     readers = defaultdict(list, reader_lists(model.graph))
-    outputs = {o.name for o in model.graph.output}
+    outputs = pinned(model.graph)
     inputs = {i.name for i in model.graph.input}
 
     def computed(name: str) -> bool:

@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
-from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted
+from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted, pinned
 from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
@@ -47,32 +47,44 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def explicit_pads(attrs: dict, in_hw: tuple[int, int], kernel: list[int]) -> list[int]:
-    """[top, left, bottom, right] padding of a Conv, auto_pad resolved."""
+def explicit_pads(attrs: dict, in_size: tuple[int, ...], kernel: list[int]) -> list[int]:
+    """A Conv's padding in ONNX's layout [x1_begin, x2_begin, .., x1_end, x2_end], auto_pad resolved
+    (any number of spatial dimensions)."""
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
+    dims = len(kernel)
     if auto in ("NOTSET", ""):
-        return list(attrs.get("pads", [0, 0, 0, 0]))
+        return list(attrs.get("pads", [0] * 2 * dims))
     if auto == "VALID":
-        return [0, 0, 0, 0]
-    strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+        return [0] * 2 * dims
+    strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
     pads = []
-    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+    for size, k, s, d in zip(in_size, kernel, strides, dilations):
         out = -(-size // s)
         pads.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
     begin = [p // 2 if auto == "SAME_UPPER" else p - p // 2 for p in pads]
-    return [begin[0], begin[1], pads[0] - begin[0], pads[1] - begin[1]]
+    return begin + [p - b for p, b in zip(pads, begin)]
 
 
 def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
-    """im2col in float32: [N, C*kh*kw, L] (channel-major, as Conv weights are laid out). The Gram
-    products are summed per batch in float32 and accumulated across batches in float64."""
+    """im2col in float32: [N, C*k, L] with k the kernel positions (channel-major, as Conv weights
+    are laid out; Conv1d, 2d or 3d). The Gram products are summed per batch in float32 and
+    accumulated across batches in float64."""
     import torch
     import torch.nn.functional as F
 
-    top, left, bottom, right = explicit_pads(attrs, x.shape[2:], kernel)
-    tensor = F.pad(torch.from_numpy(x.astype(np.float32)), (left, right, top, bottom))
-    return F.unfold(tensor, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
+    dims = len(kernel)
+    pads = explicit_pads(attrs, x.shape[2:], kernel)
+    strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
+    padding = [p for axis in reversed(range(dims)) for p in (pads[axis], pads[dims + axis])]  # F.pad: last axis first
+    tensor = F.pad(torch.from_numpy(x.astype(np.float32)), padding)
+    if dims == 2:
+        return F.unfold(tensor, kernel, dilation=dilations, stride=strides)
+    out = [(size - (k - 1) * d - 1) // s + 1 for size, k, s, d in zip(tensor.shape[2:], kernel, strides, dilations)]
+    shifted = [tensor[(..., *(slice(o * d, o * d + (n - 1) * s + 1, s)
+                              for o, d, n, s in zip(offset, dilations, out, strides)))]
+               for offset in itertools.product(*(range(k) for k in kernel))]  # each [N, C, *out]
+    return torch.stack(shifted, dim=2).reshape(x.shape[0], -1, int(np.prod(out)))
 
 
 ACTIVATION_BUDGET = 2 << 30  # bytes of cached activations per model (see Activations)
@@ -347,7 +359,7 @@ def _shortcut(model: onnx.ModelProto, output: str, producers: dict) -> str | Non
     """The other input of the Add that alone reads `output`, when it is a computed tensor
     (`producers`: tensor -> the node that computes it)."""
     readers = [n for n in model.graph.node if output in n.input]
-    if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
+    if len(readers) != 1 or readers[0].op_type != "Add" or output in pinned(model.graph):
         return None
     other = [name for name in readers[0].input if name != output]
     return other[0] if len(other) == 1 and other[0] in producers else None

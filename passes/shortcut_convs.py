@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gkp_onnx.graph import SHORTCUT_CONV, drop_unread, fold_constants, mark, node_attr
+from gkp_onnx.graph import SHORTCUT_CONV, drop_unread, fold_constants, mark, node_attr, pinned
 
 OPEN_END = 2**31 - 1
 
@@ -111,7 +111,7 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove the nodes whose outputs nothing reads (the Slices and the pads' subgraph) and the
     initializers only they read, in place."""
     while True:
-        read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        read = {name for node in model.graph.node for name in node.input} | pinned(model.graph)
         dead = [node for node in model.graph.node if not any(o in read for o in node.output)]
         if not dead:
             break

@@ -12,12 +12,13 @@ from onnx import helper, numpy_helper
 
 
 class GraphBuilder:
-    def __init__(self, in_channels: int = 8, size: int = 10, dtype=np.float32, seed: int = 0):
+    def __init__(self, in_channels: int = 8, size: int = 10, dtype=np.float32, seed: int = 0, dims: int = 2):
         self.rng = np.random.default_rng(seed)
+        self.dims = dims  # spatial dimensions: 1 for Conv1d, 2 for Conv2d, 3 for Conv3d
         self.dtype = np.dtype(dtype)
         self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
         self.nodes, self.inits = [], []
-        self.input = helper.make_tensor_value_info("x", self.elem, ["batch", in_channels, size, size])
+        self.input = helper.make_tensor_value_info("x", self.elem, ["batch", in_channels, *[size] * dims])
         self.channels = {"x": in_channels}
         self.count = 0
 
@@ -33,11 +34,10 @@ class GraphBuilder:
     def conv(self, x: str, out_channels: int, kernel=3, bias=True, group=1, weight: str | None = None,
              **attrs) -> str:
         name = self._name("conv")
-        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        kernel = (kernel,) * self.dims if isinstance(kernel, int) else tuple(kernel)
         if "pads" not in attrs and "auto_pad" not in attrs:  # "same" padding
-            dh, dw = attrs.get("dilations", [1, 1])
-            pad_h, pad_w = kernel[0] // 2 * dh, kernel[1] // 2 * dw
-            attrs["pads"] = [pad_h, pad_w, pad_h, pad_w]
+            pads = [k // 2 * d for k, d in zip(kernel, attrs.get("dilations", [1] * self.dims))]
+            attrs["pads"] = pads + pads
         if weight is None:
             weight = self.weight(f"{name}.weight", [out_channels, self.channels[x] // group, *kernel])
         inputs = [x, weight]
@@ -225,10 +225,76 @@ def fp16() -> onnx.ModelProto:
     return chain(dtype=np.float16)
 
 
+def conv1d() -> onnx.ModelProto:
+    """A speech / time-series net: Conv1d (k 3, 5 stride 2, dilated), BatchNorm, a residual Add,
+    GlobalAveragePool -> Flatten -> Gemm."""
+    b = GraphBuilder(size=24, dims=1)
+    y = b.op("Relu", [b.conv("x", 16)])
+    bn = [b.weight(f"bn.{p}", [16]) for p in ("scale", "bias", "mean")]
+    b.inits.append(numpy_helper.from_array(np.linspace(0.5, 2.0, 16).astype(np.float32), "bn.var"))
+    y = b.op("Relu", [b.op("BatchNormalization", [b.conv(y, 16, kernel=5, strides=[2]), *bn, "bn.var"])])
+    y = b.op("Relu", [b.op("Add", [y, b.conv(b.op("Relu", [b.conv(y, 16, dilations=[2])]), 16)])])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [b.conv(y, 32, kernel=1)])])
+    return b.build(b.op("Gemm", [flat, b.weight("head.weight", [10, 32]), b.weight("head.bias", [10])], transB=1))
+
+
+def conv3d() -> onnx.ModelProto:
+    """A video / volume net: Conv3d 3x3x3, a stride-2 Conv3d, a (1, 3, 3) kernel and a residual Add."""
+    b = GraphBuilder(size=6, dims=3)
+    y = b.op("Relu", [b.conv("x", 16)])
+    y = b.op("Relu", [b.conv(y, 16, strides=[2, 2, 2])])
+    return b.build(b.op("Add", [y, b.conv(b.op("Relu", [b.conv(y, 16, kernel=(1, 3, 3))]), 16)]))
+
+
+def subgraph() -> onnx.ModelProto:
+    """An If whose branch runs a Conv on a tensor of the main graph (outer scope): GKP prunes the
+    main graph's Convs around it, and that tensor keeps every channel."""
+    b = GraphBuilder()
+    y = b.op("Relu", [b.conv("x", 16)])
+    mid = b.conv(y, 16)
+    weight = numpy_helper.from_array(b.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12, "branch.weight")
+    then = helper.make_graph([helper.make_node("Conv", [y, "branch.weight"], ["t"], name="branch_conv",
+                                               pads=[1, 1, 1, 1])], "then", [],
+                             [helper.make_tensor_value_info("t", b.elem, None)], [weight])
+    other = helper.make_graph([helper.make_node("Relu", [mid], ["e"], name="branch_relu")], "else", [],
+                              [helper.make_tensor_value_info("e", b.elem, None)])
+    b.inits.append(numpy_helper.from_array(np.array(True), "cond"))
+    b.nodes.append(helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then, else_branch=other))
+    b.channels["branch"] = 16
+    return b.build(b.conv(b.op("Add", [b.op("Relu", [mid]), "branch"]), 16))
+
+
+def conv_transpose() -> onnx.ModelProto:
+    """A U-Net-style upsampling step: Conv -> ConvTranspose (stride 2) -> Concat with a skip -> Conv."""
+    b = GraphBuilder()
+    skip = b.op("Relu", [b.conv("x", 16)])
+    down = b.op("Relu", [b.conv(skip, 16, strides=[2, 2])])
+    up = b.op("ConvTranspose", [down, b.weight("up.weight", [16, 8, 2, 2])], channels=8, strides=[2, 2],
+              kernel_shape=[2, 2])
+    return b.build(b.conv(b.op("Concat", [skip, up], channels=24, axis=1), 16))
+
+
+def qdq() -> onnx.ModelProto:
+    """A QDQ-quantized Conv (int8 weight, per-output-channel scales, as onnxruntime.quantization
+    writes it) between two float Convs."""
+    b = GraphBuilder()
+    y = b.op("Relu", [b.conv("x", 16)])
+    weight = b.rng.standard_normal((16, 16, 3, 3)) / 12
+    scale = np.abs(weight).reshape(16, -1).max(axis=1) / 127
+    b.inits += [numpy_helper.from_array(np.round(weight / scale[:, None, None, None]).astype(np.int8), "q.weight"),
+                numpy_helper.from_array(scale.astype(np.float32), "q.scale"),
+                numpy_helper.from_array(np.zeros(16, np.int8), "q.zero")]
+    b.nodes.append(helper.make_node("DequantizeLinear", ["q.weight", "q.scale", "q.zero"], ["q.dequantized"],
+                                    name="dequantize", axis=0))
+    y = b.op("Relu", [b.conv(y, 16, weight="q.dequantized")])
+    return b.build(b.conv(y, 16))
+
+
 TOPOLOGIES = {
     "chain": chain, "residual": residual, "concat": concat, "fan_out": fan_out, "no_bias": no_bias,
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
     "kernel_sizes": kernel_sizes, "depthwise": depthwise, "shared_weight": shared_weight, "fp16": fp16,
     "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
     "residual_stream": residual_stream, "option_a_shortcut": option_a_shortcut, "mobilenet_block": mobilenet_block,
+    "conv1d": conv1d, "conv3d": conv3d, "subgraph": subgraph, "conv_transpose": conv_transpose, "qdq": qdq,
 }

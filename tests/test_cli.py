@@ -62,6 +62,19 @@ def test_compare_and_inspect(model_path, tmp_path, capsys):
     assert "onnxruntime CPU NCHWc block here: none" in text  # the tests pin the block to 1 (conftest)
 
 
+@pytest.mark.parametrize("topology,node,reason", [
+    ("subgraph", "branch_conv", "inside the 'then_branch' subgraph of If 'if'"),
+    ("conv_transpose", "convtranspose", "ConvTranspose: GKP rewrites Conv only"),
+    ("qdq", "conv", "weight is quantized (QDQ"),
+    ("conv1d", "conv1", "GKP: prunable")])
+def test_inspect_says_why_a_layer_kind_is_kept(topology, node, reason, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(TOPOLOGIES[topology](), path)
+    assert main(["inspect", str(path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(node)]
+    assert any(reason in row for row in rows), rows
+
+
 def test_missing_file(capsys, tmp_path):
     assert "no such file" in cli_error(capsys, ["optimize", str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx")])
 

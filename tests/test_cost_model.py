@@ -11,6 +11,7 @@ from fixtures import TOPOLOGIES
 
 from gkp_onnx import optimize
 from gkp_onnx.bench import Timing
+from gkp_onnx.cost import AnalyticCpuCost
 from gkp_onnx.cost.measured import MeasuredCost, layer_models
 from gkp_onnx.graph import node_attr
 from gkp_onnx.plan import LayerPlan
@@ -27,6 +28,22 @@ def test_layer_models_are_valid_and_agree_in_shape():
     assert [node_attr(n, "group") for n in grouped.graph.node][1] == 4
     assert run(dense, random_feed(dense))[0].shape == run(grouped, random_feed(grouped))[0].shape == (2, 16, 4, 4)
     assert grouped.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 4 * LAYER.kept_per_group
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_are_measured_and_estimated_off_the_nchwc_path(dims):
+    """onnxruntime runs only 2-D Convs in NCHWc: a grouped Conv1d / Conv3d takes the plain path
+    (G = 1 is their fastest form, measured), and its layer models time the right Conv."""
+    layer = LayerPlan(**{**LAYER.__dict__, "kernel_shape": [3] * dims, "input_size": [8] * dims,
+                         "conv_attrs": {"pads": [1] * 2 * dims, "strides": [2] * dims}})
+    dense, grouped = layer_models(layer, 2, batch=1)
+    assert run(dense, random_feed(dense))[0].shape == run(grouped, random_feed(grouped))[0].shape == (1, 16, *[4] * dims)
+    analytic = AnalyticCpuCost(block=16)
+    wide = {"in_channels": 64, "out_channels": 64, "kept_per_group": 32, "input_folds": True, "output_sinks": True}
+    flat, shaped = LayerPlan(**{**LAYER.__dict__, **wide}), LayerPlan(**{**layer.__dict__, **wide})
+    assert analytic.relative_time(shaped, 1) == analytic.relative_time(flat, 1) == 0.5
+    # in 2-D the grouped Conv is aligned to the block and runs in NCHWc; in 1-D / 3-D it does not
+    assert analytic.relative_time(flat, 2) < 1 < analytic.relative_time(shaped, 2)
 
 
 def test_the_gathers_left_are_charged_by_the_analytic_move_term(tmp_path):

@@ -27,7 +27,7 @@ def calib(tmp_path):
 
 
 @pytest.mark.parametrize("topology", ["chain", "residual", "stride2", "padding_variants", "dilation",
-                                      "kernel_sizes", "bn_chain"])
+                                      "kernel_sizes", "bn_chain", "conv1d", "conv3d"])
 def test_refit_at_ratio_zero_reproduces_every_layer(topology, calib):
     # nothing pruned: the least-squares refit must find the original kernels again (exercises
     # im2col against strides, asymmetric pads, auto_pad, dilation, non-square kernels)
@@ -38,11 +38,26 @@ def test_refit_at_ratio_zero_reproduces_every_layer(topology, calib):
         assert after <= before and after < 1e-5
 
 
-@pytest.mark.parametrize("topology", ["stride2", "padding_variants", "dilation", "kernel_sizes"])
+def padding_variants_nd(dims: int) -> onnx.ModelProto:
+    """Conv1d / Conv3d read straight from the input with asymmetric pads, auto_pad, strides and
+    dilations (what im2col must get right in every dimension count)."""
+    b = GraphBuilder(size=11, dims=dims)
+    ones = [1] * dims
+    convs = [b.conv("x", 4, pads=list(range(dims)) + [1] * dims),
+             b.conv("x", 4, auto_pad="SAME_UPPER", strides=[2] * dims),
+             b.conv("x", 4, auto_pad="SAME_LOWER", strides=[2] + ones[1:], kernel=[2] * dims),
+             b.conv("x", 4, auto_pad="VALID", dilations=[2] * dims),
+             b.conv("x", 4, kernel=[1] + [3] * (dims - 1), pads=[0] * 2 * dims)]
+    return b.build(*convs)
+
+
+@pytest.mark.parametrize("topology", ["stride2", "padding_variants", "dilation", "kernel_sizes", "conv1d", "conv3d",
+                                      "variants1d", "variants3d"])
 def test_im2col_matches_onnxruntime_conv(topology):
-    model = TOPOLOGIES[topology]()
+    model = padding_variants_nd(int(topology[-2])) if topology.startswith("variants") else TOPOLOGIES[topology]()
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    x = np.random.default_rng(0).standard_normal([2, 8, 12, 12]).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(
+        [2] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]).astype(np.float32)
     for node in model.graph.node:
         if node.op_type != "Conv" or node.input[0] != "x":
             continue

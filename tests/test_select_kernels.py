@@ -107,6 +107,17 @@ def test_sr_prefers_the_smoother_of_two_interchangeable_kernels():
     assert select(weight, [[0]], 2, "sr") == [[0, 1]]
 
 
+@pytest.mark.parametrize("kernel", [(5,), (3, 3), (2, 3, 3)])
+def test_roughness_sums_every_neighbouring_pair_once_in_any_dimension(kernel):
+    """Conv1d / 2d / 3d: the sum over position pairs at Chebyshev distance 1 of |w_a^2 - w_b^2|."""
+    weight = np.random.default_rng(0).standard_normal((2, 3, *kernel))
+    positions = list(np.ndindex(*kernel))
+    expected = sum(np.abs(weight[(..., *a)] ** 2 - weight[(..., *b)] ** 2)
+                   for i, a in enumerate(positions) for b in positions[i + 1:]
+                   if max(abs(p - q) for p, q in zip(a, b)) == 1)
+    np.testing.assert_allclose(roughness(weight), expected)
+
+
 def test_pass_keeps_n_sorted_channels_of_largest_grouped_kernel_norm_per_group():
     # the pass on its own, with groups chosen by hand (interleaved filters: 4 groups of 4)
     model = TOPOLOGIES["chain"]()  # conv1 8 -> 16, Relu, conv3 16 -> 16

@@ -61,7 +61,10 @@ def test_auto_group_count_is_exact_on_every_topology(method):
             np.testing.assert_allclose(actual, expected, **tolerance(model))
 
 
-@pytest.mark.parametrize("topology,reason", [("depthwise", "depthwise"), ("shared_weight", "shared by 2 nodes")])
+@pytest.mark.parametrize("topology,reason", [
+    ("depthwise", "depthwise"), ("shared_weight", "shared by 2 nodes"),
+    ("conv_transpose", "ConvTranspose: GKP rewrites Conv only"), ("qdq", "weight is quantized (QDQ"),
+    ("subgraph", "inside the 'then_branch' subgraph of If 'if'")])
 def test_unsupported_convs_are_skipped_and_untouched(topology, reason):
     model = TOPOLOGIES[topology]()
     optimized, report = optimize(model, ratio=0.5, groups=1)
@@ -77,6 +80,8 @@ def test_unsupported_convs_are_skipped_and_untouched(topology, reason):
             assert weights[after[name].input[1]][:2] == [group, 1]
         else:
             assert before[name].input == after[name].input and before[name].attribute == after[name].attribute
+    branches = [[n.attribute for n in m.graph.node if n.op_type == "If"] for m in (model, optimized)]
+    assert branches[0] == branches[1]  # a subgraph, and what it reads (checked exact above), as it was
 
 
 def test_gathers_fold_through_depthwise_convs():

@@ -73,20 +73,28 @@ class AnalyticCpuCost:
     def efficiency(self, channels_per_group: float) -> float:
         return float(np.interp(np.log2(channels_per_group), np.log2(self.WIDTHS), self.EFFICIENCY))
 
-    def padded(self, channels: int) -> float:
+    def block_of(self, layer: LayerPlan) -> int:
+        """The NCHWc block that applies to the layer; 0 where onnxruntime runs it outside NCHWc
+        altogether: it does so for 2-D Convs only, and Conv1d / Conv3d take the plain path, where a
+        grouped Conv is SLOW_PATH as efficient (measured: G = 1 is their fastest form)."""
+        return self.block if len(layer.kernel_shape) == 2 else 0
+
+    @staticmethod
+    def padded(channels: int, block: int) -> float:
         """The channel count a Conv reading `channels` inputs costs as, in NCHWc blocks."""
-        if self.block <= 1:
+        if block <= 1:
             return channels
-        step = self.block if channels >= self.block else max(1, self.block // 2)
+        step = block if channels >= block else max(1, block // 2)
         return -(-channels // step) * step
 
     def relative_time(self, layer: LayerPlan, group_count: int) -> float:
         ci, co, n = layer.in_channels, layer.out_channels, layer.kept_per_group
+        block = self.block_of(layer)
         if group_count == 1:
-            compute = self.padded(n) / self.padded(ci)
+            compute = self.padded(n, block) / self.padded(ci, block)
         else:
             width = co // group_count  # below a block the table already holds the NCHW path's efficiency
-            aligned = self.block <= 1 or (n % self.block == 0 and (width < self.block or width % self.block == 0))
+            aligned = block == 1 or (block > 1 and n % block == 0 and (width < block or width % block == 0))
             compute = n / ci / (self.efficiency(width) * (1.0 if aligned else self.SLOW_PATH))
         return self.with_producer(layer, group_count, compute + self.moves(layer, group_count))
 
@@ -109,5 +117,7 @@ class AnalyticCpuCost:
             return own
         weight = layer.producer_macs / layer.macs
         folds = not gathers_left(layer, group_count)[0]
-        outputs = self.padded(group_count * layer.kept_per_group) / self.padded(layer.in_channels) if folds else 1.0
+        block = self.block_of(layer)
+        outputs = self.padded(group_count * layer.kept_per_group, block) / self.padded(layer.in_channels, block) \
+            if folds else 1.0
         return (own + weight * outputs) / (1.0 + weight)

@@ -62,8 +62,9 @@ def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) 
     def chain(channels: int, steps: list[tuple[str, list[np.ndarray], dict]]) -> onnx.ModelProto:
         """x [batch, channels, *input_size] -> depthwise -> steps -> depthwise -> y;
         a step is (op, constant inputs after the tensor, attributes)."""
-        steps = [("Conv", [array(channels, 1, 1, 1)], {"group": channels, "kernel_shape": [1, 1]}), *steps,
-                 ("Conv", [array(co, 1, 1, 1)], {"group": co, "kernel_shape": [1, 1]})]
+        ones = [1] * len(layer.kernel_shape)
+        steps = [("Conv", [array(channels, 1, *ones)], {"group": channels, "kernel_shape": ones}), *steps,
+                 ("Conv", [array(co, 1, *ones)], {"group": co, "kernel_shape": ones})]
         nodes, inits, current = [], [], "x"
         for i, (op, constants, step_attrs) in enumerate(steps):
             names = [f"c{i}_{j}" for j in range(len(constants))]
@@ -72,7 +73,7 @@ def layer_models(layer: LayerPlan, group_count: int, batch: int, seed: int = 0) 
             nodes.append(helper.make_node(op, [current, *names], [output], **step_attrs))
             current = output
         x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, channels, *layer.input_size])
-        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, co, None, None])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, co, *[None] * len(layer.input_size)])
         built = helper.make_model(helper.make_graph(nodes, "layer", [x], [y], inits),
                                   opset_imports=[helper.make_opsetid("", 17)])
         built.ir_version = 8

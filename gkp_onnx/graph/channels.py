@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gkp_onnx.graph.index import initializer_map, node_attr
+from gkp_onnx.graph.index import initializer_map, node_attr, pinned
 
 
 GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
@@ -218,7 +218,7 @@ def components(model: onnx.ModelProto) -> list[Component]:
         if node.op_type == "Conv" and node.output[0] not in parent:
             members[node.output[0]] = {node.output[0]}
     order = {id(node): i for i, node in enumerate(graph.node)}
-    outside = {v.name for v in graph.output} | {v.name for v in graph.input}
+    outside = pinned(graph) | {v.name for v in graph.input}
     found = [_checked(tensors, producers, readers, joined, initializers, order, outside) for tensors in members.values()]
     return sorted((c for c in found if c is not None), key=lambda c: order[id(c.producers[0])])
 

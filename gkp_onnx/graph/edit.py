@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph.channels import BINARY_PER_CHANNEL, Component, channel_constant, components, reduction_axis
-from gkp_onnx.graph.index import initializer_map
+from gkp_onnx.graph.index import initializer_map, subgraph_reads
 
 
 def replace_initializer(model, initializers, name, transform, node, slot) -> None:
@@ -50,7 +50,7 @@ def take_rows(model, node, index, initializers) -> None:
 
 def drop_unread(model: onnx.ModelProto) -> None:
     """Delete initializers nothing reads, in place (rebuilding the list would copy every weight)."""
-    read = {name for node in model.graph.node for name in node.input}
+    read = {name for node in model.graph.node for name in node.input} | subgraph_reads(model.graph)
     for index in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[index].name not in read:
             del model.graph.initializer[index]

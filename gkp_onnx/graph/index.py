@@ -15,15 +15,36 @@ class GraphIndex(NamedTuple):
     """Who produces and who reads each tensor: what the graph walks of the passes look up."""
     producers: dict[str, onnx.NodeProto]  # tensor -> the node writing it
     consumers: dict[str, onnx.NodeProto]  # tensor -> a node reading it (the one, where it is read once)
-    readers: Counter  # tensor -> how many node inputs read it
-    outputs: set[str]  # graph output names
+    readers: Counter  # tensor -> how many node inputs read it (a subgraph reading it counts once)
+    outputs: set[str]  # pinned(graph): the graph outputs and what subgraphs read
 
 
 def graph_index(graph: onnx.GraphProto) -> GraphIndex:
+    inner = subgraph_reads(graph)
     return GraphIndex({o: node for node in graph.node for o in node.output},
                       {name: node for node in graph.node for name in node.input},
-                      Counter(name for node in graph.node for name in node.input),
-                      {o.name for o in graph.output})
+                      Counter(name for node in graph.node for name in node.input) + Counter(inner),
+                      {o.name for o in graph.output} | inner)
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """The names that subgraphs (If branches, Loop and Scan bodies, at any depth) read from the
+    scope around them: a rewrite must leave those tensors as they are, like graph outputs."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                defined = ({i.name for i in sub.input} | {t.name for t in sub.initializer}
+                           | {o for n in sub.node for o in n.output})
+                read = {name for n in sub.node for name in n.input} | {o.name for o in sub.output}
+                names |= {name for name in read | subgraph_reads(sub) if name and name not in defined}
+    return names
+
+
+def pinned(graph: onnx.GraphProto) -> set[str]:
+    """Tensors whose channels must stay as they are: the graph outputs and what subgraphs read."""
+    return {o.name for o in graph.output} | subgraph_reads(graph)
 
 
 def reader_lists(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -88,7 +109,7 @@ def output_bias(model: onnx.ModelProto, node: onnx.NodeProto, initializers: dict
     readers = [n for n in model.graph.node if any(name in n.input for name in node.output)]
     if node.op_type == "Gemm":
         name = node.input[2] if len(node.input) > 2 and node_attr(node, "beta", 1.0) == 1.0 else ""
-    elif len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in {o.name for o in model.graph.output}:
+    elif len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in pinned(model.graph):
         name = next((n for n in readers[0].input if n != node.output[0]), "")
     else:
         return None
