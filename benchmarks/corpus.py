@@ -7,8 +7,9 @@ The corpus: the 9 model-zoo topologies shipped with the onnx package
 (onnx/backend/test/data/light/light_<name>.onnx: bvlc_alexnet, densenet121, inception_v1,
 inception_v2, resnet50, shufflenet, squeezenet, vgg19, zfnet512; "light": each weight is a
 ConstantOfShape fill of one value, not the trained one) and the models of gkp_onnx.models.export exported with
-seeded random weights (mobilenet_v2, mobilenet_v3, resnet50 at 224x224; resnet20 and vgg16 at
-CIFAR 32x32; speech_conv1d, Conv1d over 64 mel bins x 400 frames). Each is passed to `optimize` with the defaults (validation on random inputs on);
+seeded random weights (mobilenet_v2, mobilenet_v3, resnet50, efficientnet_b0, resnext26 at 224x224;
+resnet20 and vgg16 at CIFAR 32x32; unet 256x256; yolo_style 320x320; speech_conv1d, Conv1d over
+64 mel bins x 400 frames). Each is passed to `optimize` with the defaults (validation on random inputs on);
 the zoo models as file paths, the exports as files in a temporary folder.
 
 Per model: works (yes, or the error in one line), MACs before -> after, Gather nodes left in the
@@ -47,7 +48,8 @@ RESULTS = Path(__file__).parent / "results"
 ZOO_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
        "vgg19", "zfnet512"]
-EXPORTS = ["mobilenet_v2", "mobilenet_v3", "resnet50", "resnet20", "speech_conv1d", "vgg16"]
+EXPORTS = ["mobilenet_v2", "mobilenet_v3", "resnet50", "resnet20", "speech_conv1d", "vgg16", "efficientnet_b0",
+           "resnext26", "unet", "yolo_style"]
 LARGE = {"zoo/bvlc_alexnet", "zoo/vgg19", "zoo/zfnet512"}
 # why a model is expected not to be pruned (shown beside its error)
 EXPECTED = {"zoo/shufflenet": "every Conv of this ShuffleNet is grouped (group 4) or depthwise, and its only dense "
@@ -146,8 +148,8 @@ def markdown(rows: list[dict], setting: dict) -> str:
              "share = speed-up / ideal. Cosine: min over the outputs of optimize's validation on random inputs. "
              "Optimize: wall time of the call (load, passes, validation). zoo/: onnx's bundled model-zoo "
              "topologies (light weights); export/: gkp_onnx.models exports with seeded random weights "
-             "(resnet20 and vgg16 CIFAR-shaped 32x32, speech_conv1d 64 mel bins x 400 frames, the rest "
-             "224x224). The zoo files' weights are ConstantOfShape fills (one value per tensor), so every "
+             "(resnet20 and vgg16 CIFAR-shaped 32x32, unet 256x256, yolo_style 320x320, speech_conv1d 64 mel "
+             "bins x 400 frames, the rest 224x224). The zoo files' weights are ConstantOfShape fills (one value per tensor), so every "
              "kernel of a layer is alike: their cosine says nothing about accuracy, only that the rewrite is exact in structure; with random or constant "
              "weights the cosine is no accuracy figure either way.", "",
              "| model | works | MACs after / before | Gathers | speed-up b1 | ideal | share of ideal | cosine | optimize |",

@@ -223,6 +223,27 @@ def _conv(g, attrs, x, w, b=None):
     return conv(x, w, b, strides, padding, dilations, attrs.get("group", 1))
 
 
+def _conv_transpose(g, attrs, x, w, b=None):
+    """ONNX ConvTranspose with explicit pads (cropped off the full output) and output_padding."""
+    n = w.dim() - 2
+    if attrs.get("output_shape") or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"", ""):
+        raise GkpError("cannot run the model in torch: ConvTranspose with output_shape or auto_pad")
+    strides, dilations = list(attrs.get("strides", [1] * n)), list(attrs.get("dilations", [1] * n))
+    pads = list(attrs.get("pads", [0] * 2 * n))
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    y = conv(x, w, b, strides, 0, list(attrs.get("output_padding", [0] * n)), attrs.get("group", 1), dilations)
+    return y[(..., *(slice(pads[i], y.shape[2 + i] - pads[n + i]) for i in range(n)))]
+
+
+def _dequantize(g, attrs, x, scale, zero=None):
+    """DequantizeLinear: (x - zero) * scale, per tensor or along `axis`."""
+    shape = [1] * x.dim()
+    if scale.dim() == 1 and scale.numel() > 1:
+        shape[_axis(attrs.get("axis", 1), x.dim())] = -1
+    zero = zero.to(torch.float32).reshape(shape) if zero is not None else 0.0
+    return ((x.to(torch.float32) - zero) * scale.reshape(shape)).to(scale.dtype)
+
+
 def _gather_conv(g, attrs, x, indices, w, b=None):
     """Conv(Gather(x, indices, axis=1), w, group=G) as a dense Conv on x: output channel o of group
     k reads input channels indices[k*n:(k+1)*n], so its kept kernels are scattered (summed where an
@@ -460,6 +481,8 @@ OPS = {
     "Where": lambda g, a, c, x, y: torch.where(c, x, y),
     "Conv": _conv,
     "GatherConv": _gather_conv,
+    "ConvTranspose": _conv_transpose,
+    "DequantizeLinear": _dequantize,
     "Gemm": _gemm,
     "MatMul": lambda g, a, x, y: torch.matmul(x, y),
     "BatchNormalization": _batch_norm,

@@ -6,6 +6,7 @@
     python -m gkp_onnx.models.export vgg16 out.onnx
     python -m gkp_onnx.models.export mobilenet_v2 out.onnx   (also mobilenet_v3)
     python -m gkp_onnx.models.export speech_conv1d out.onnx  (also whisper_tiny_encoder)
+    python -m gkp_onnx.models.export yolo_style out.onnx     (also efficientnet_b0, resnext26, unet)
 
 The legacy TorchScript exporter (dynamo=False) is used on purpose: it emits exactly opset 17
 and, in eval mode, folds BatchNorm into the Conv weights, which is the form deployment
@@ -23,14 +24,17 @@ import torch
 from gkp_onnx.models.cifar_resnet import DEPTHS, cifar_resnet, load_akamaster
 from gkp_onnx.models.audio import speech_conv1d
 from gkp_onnx.models.mobilenet import mobilenet_v2, mobilenet_v3
+from gkp_onnx.models.modern import efficientnet_b0, resnext26, unet, yolo_style
 from gkp_onnx.models.resnet50 import resnet50
 from gkp_onnx.models.vgg import vgg16
 from gkp_onnx.models.vit import vit_small
 from gkp_onnx.models.whisper import whisper_tiny_encoder
 
 OPSET = 17
+SHAPES = {"efficientnet_b0": (1, 3, 224, 224), "resnext26": (1, 3, 224, 224), "unet": (1, 3, 256, 256),
+          "yolo_style": (1, 3, 320, 320)}  # models.modern
 MODELS = sorted(DEPTHS) + ["mobilenet_v2", "mobilenet_v3", "resnet50", "vgg16", "speech_conv1d", "vit_small",
-                            "whisper_tiny_encoder"]
+                           "whisper_tiny_encoder", *SHAPES]
 
 
 def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -45,6 +49,9 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> tuple[torch.n
         return vit_small(seed), (1, 3, 224, 224)
     if name == "whisper_tiny_encoder":
         return whisper_tiny_encoder(seed), (1, 80, 300)
+    if name in SHAPES:
+        builder = {"efficientnet_b0": efficientnet_b0, "resnext26": resnext26, "unet": unet, "yolo_style": yolo_style}
+        return builder[name](seed), SHAPES[name]
     if name == "speech_conv1d":
         return speech_conv1d(seed), (1, 64, 400)
     if name == "vgg16":

@@ -127,7 +127,7 @@ class MobileNetV3(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-def _seeded(model: nn.Module, seed: int) -> nn.Module:
+def _seeded(model: nn.Module, seed: int, size: int = 224) -> nn.Module:
     """torchvision's initialisation, random BatchNorm affine terms, statistics from one random batch."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -143,7 +143,7 @@ def _seeded(model: nn.Module, seed: int) -> nn.Module:
             nn.init.zeros_(module.bias)
     model.train()
     with torch.no_grad():
-        model(torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(seed)))
+        model(torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
 
 

@@ -137,7 +137,7 @@ class Analyze(Pass):
                 input_size=input_shape[2:] if input_shape else None,
                 conv_attrs=_geometry(node),
                 input_folds=top is not None,
-                output_sinks=walk_to_consumer(node.output[0], consumers, readers, outputs,
+                output_sinks=walk_to_consumer(node.output[0], consumers, producers, readers, outputs,
                                               initializers)[1] is not None))
         keep, pruned = 1.0 - plan.ratio, {layer.node for layer in plan.layers}
         for layer in plan.layers:

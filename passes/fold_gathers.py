@@ -112,7 +112,7 @@ class FoldGathers(Pass):
             if index is None or not np.array_equal(np.sort(index), np.arange(len(index))) \
                     or channel_count(gather.input[0], producers, initializers) != len(index):
                 continue
-            chain, consumer = walk_to_consumer(gather.output[0], consumers, readers, outputs, initializers)
+            chain, consumer = walk_to_consumer(gather.output[0], consumers, producers, readers, outputs, initializers)
             if consumer is None:
                 continue
             inverse = np.argsort(index)  # channel j of the Gather's input is read at position inverse[j]
@@ -120,7 +120,8 @@ class FoldGathers(Pass):
                 reindex_params(model, node, inverse, initializers)
             axis = reduction_axis(consumer, len(initializers[consumer.input[1]].dims))  # the input-channel axis
             replace_initializer(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
-            (chain[0] if chain else consumer).input[0] = gather.input[0]
+            for reader in graph.node:  # the first node below, or an activation's every read of it
+                reader.input[:] = [gather.input[0] if name == gather.output[0] else name for name in reader.input]
             graph.node.remove(gather)
             drop_unread(model)
             return True

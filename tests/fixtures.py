@@ -290,6 +290,29 @@ def qdq() -> onnx.ModelProto:
     return b.build(b.conv(y, 16))
 
 
+def activations() -> onnx.ModelProto:
+    """Activations as exporters spell them, reading their input more than once: SiLU x*sigmoid(x)
+    (EfficientNet, YOLO), GELU x*0.5*(1+erf(x/sqrt 2)) and its tanh form (Pow), then a classifier."""
+    b = GraphBuilder()
+
+    def const(name, value):
+        b.inits.append(numpy_helper.from_array(np.array(value, b.dtype), name))
+        return name
+
+    x = b.conv("x", 16)
+    x = b.op("Mul", [x, b.op("Sigmoid", [x])])
+    x = b.conv(x, 16)
+    erf = b.op("Erf", [b.op("Div", [x, const("sqrt2", np.sqrt(2.0))])])
+    x = b.op("Mul", [b.op("Mul", [x, b.op("Add", [erf, const("one", 1.0)])]), const("half", 0.5)])
+    x = b.conv(x, 16)
+    inner = b.op("Add", [x, b.op("Mul", [b.op("Pow", [x, const("three", 3.0)]), const("c", 0.044715)])])
+    tanh = b.op("Tanh", [b.op("Mul", [inner, const("k", np.sqrt(2 / np.pi))])])
+    x = b.op("Mul", [b.op("Mul", [x, const("half2", 0.5)]), b.op("Add", [tanh, const("one2", 1.0)])])
+    x = b.conv(x, 16)
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
+    return b.build(b.op("Gemm", [flat, b.weight("head.weight", [10, 16]), b.weight("head.bias", [10])], transB=1))
+
+
 TOPOLOGIES = {
     "chain": chain, "residual": residual, "concat": concat, "fan_out": fan_out, "no_bias": no_bias,
     "stride2": stride2, "padding_variants": padding_variants, "dilation": dilation,
@@ -297,4 +320,5 @@ TOPOLOGIES = {
     "bn_chain": bn_chain, "graph_output_inside": graph_output_inside, "classifier": classifier,
     "residual_stream": residual_stream, "option_a_shortcut": option_a_shortcut, "mobilenet_block": mobilenet_block,
     "conv1d": conv1d, "conv3d": conv3d, "subgraph": subgraph, "conv_transpose": conv_transpose, "qdq": qdq,
+    "activations": activations,
 }

@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from conftest import run
@@ -78,4 +79,39 @@ def test_mobilenet_v2_exports_and_its_pruned_form_equals_the_masked_dense_model(
     assert report.after.macs < 0.5 * report.before.macs
     assert sum(n.op_type == "Gather" for n in optimized.graph.node) <= 2  # the rest fold through the depthwise Convs
     expected = run(masked_reference(exported, report.plan), {"input": x})[0]
+    np.testing.assert_allclose(run(optimized, {"input": x})[0], expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnext26", "unet", "yolo_style", "speech_conv1d"])
+def test_modern_exports_prune_exactly(name, tmp_path):
+    """Each family's graph patterns (SiLU as x*sigmoid(x) and squeeze-excite; grouped 3x3 Convs;
+    ConvTranspose, Resize and Concat skips; channel Split, Concat and SPPF; Conv1d) at a small
+    input: exported as users do, pruned at 0.5, equal to the masked dense model."""
+    from conftest import masked_reference
+
+    from gkp_onnx import optimize
+    from gkp_onnx.graph.canonical import canonicalize
+    from gkp_onnx.models import modern
+
+    small = {"efficientnet_b0": (lambda: modern._seeded(modern.EfficientNet(10, modern.B0_STAGES[:4]), 0, 64),
+                                 (1, 3, 64, 64)),
+             "resnext26": (lambda: modern._seeded(modern.ResNeXt(1, 10, ((64, 128), (128, 256))), 0, 64),
+                           (1, 3, 64, 64)),
+             "unet": (lambda: modern._seeded(modern.UNet(widths=(8, 16, 32, 64)), 0, 64), (1, 3, 64, 64)),
+             "yolo_style": (lambda: modern._seeded(modern.YoloStyle(widths=(8, 16, 32, 64, 128)), 0, 64),
+                            (1, 3, 64, 64)),
+             "speech_conv1d": (lambda: build("speech_conv1d")[0], (1, 64, 64))}
+    make, shape = small[name]
+    torch.manual_seed(0)
+    model = make()
+    exported = onnx.load(export(model, shape, tmp_path / f"{name}.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(exported, {"input": x})[0], model(torch.from_numpy(x)).numpy(),
+                                   atol=1e-3, rtol=1e-3)
+    optimized, report = optimize(exported, ratio=0.5, validate=False)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert report.after.macs < 0.9 * report.before.macs
+    # the plan names the canonical model's tensors (torch writes shared weights as Identity nodes)
+    expected = run(masked_reference(canonicalize(exported)[0], report.plan), {"input": x})[0]
     np.testing.assert_allclose(run(optimized, {"input": x})[0], expected, atol=1e-3, rtol=1e-3)

@@ -100,6 +100,23 @@ def test_gathers_fold_through_depthwise_convs():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gathers_fold_through_silu_and_gelu_graphs(groups):
+    """x*sigmoid(x) and both GELU forms read their input twice; the walks cross them whole, so each
+    GKP Gather folds into the Conv above (G = 1) or into the grouped Conv's output permutation (G = 2:
+    one Gather right behind it, as behind a Relu)."""
+    model = TOPOLOGIES["activations"]()
+    optimized, report = optimize(model, ratio=0.5, groups=groups, min_group_width=1, validate=False)
+    assert len(report.plan.layers) == 4
+    producers = {o: n for n in optimized.graph.node for o in n.output}
+    gathers = [g.input[0] for g in optimized.graph.node if g.op_type == "Gather"]
+    assert gathers == ["x"] if groups == 1 else \
+        gathers[0] == "x" and all(producers[name].op_type == "Conv" for name in gathers[1:])
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(optimized, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_fp16_weights_stay_fp16():
     model = TOPOLOGIES["fp16"]()
     optimized, report = optimize(model, ratio=0.5, groups=2, min_group_width=1)

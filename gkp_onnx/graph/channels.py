@@ -1,9 +1,14 @@
 """The channel-dependency graph: which ops act on each channel separately (the one op table),
 the walks along a channel axis (up to the Conv that produces it, down to the layer that
-contracts it), and the channel spaces whose order can be changed for free."""
+contracts it), and the channel spaces whose order can be changed for free.
+
+The walks also cross activations that exporters spell as small element-wise graphs reading
+their input more than once (SiLU x * sigmoid(x), GELU x * 0.5 * (1 + erf(x / sqrt 2)) and its
+tanh form, Swish): `activation_region`."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +30,54 @@ UNARY_ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoi
 
 
 BINARY_PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
+MAX_REGION = 12  # nodes of one activation_region
+
+
+def _elementwise(node, initializers) -> bool:
+    """An op of an activation_region: unary element-wise, or binary whose constants are scalars."""
+    if node.op_type in UNARY_ELEMENTWISE or node.op_type in ("Sqrt", "Reciprocal"):
+        return True
+    return (node.op_type in BINARY_PER_CHANNEL or node.op_type == "Pow") and len(node.input) == 2 \
+        and all(n not in initializers or channel_constant(n, initializers) == "broadcast" for n in node.input)
+
+
+def activation_region(node, producers, readers, initializers) -> tuple[str, list] | None:
+    """(x, nodes) when `node` ends an element-wise function of one tensor x that reads x more than
+    once, every tensor inside read only inside (x may be read elsewhere too: the walks check);
+    `nodes` starts with `node`. `readers`: tensor -> how many node inputs read it. None otherwise."""
+    if not _elementwise(node, initializers) or sum(n not in initializers for n in node.input) < 2:
+        return None
+    region = [node]
+    while len(region) <= MAX_REGION:
+        produced = {o for n in region for o in n.output}
+        inside = Counter(n for member in region for n in member.input if n and n not in initializers)
+        leaves = [t for t in inside if t not in produced]
+        if any(readers[t] != inside[t] for t in produced - {node.output[0]}):
+            return None
+        if len(leaves) == 1:
+            return (leaves[0], region) if inside[leaves[0]] > 1 else None
+        # grow through a leaf read only inside: the function's own intermediate, not its input
+        up = next((producers[t] for t in leaves if readers[t] == inside[t] and t in producers), None)
+        if up is None or not _elementwise(up, initializers):
+            return None
+        region.append(up)
+    return None
+
+
+def region_below(tensor, consumers, producers, readers, initializers) -> tuple[str, list] | None:
+    """(output, nodes) of the activation_region whose input is `tensor` and that reads every use of it."""
+    node = consumers.get(tensor)
+    for _ in range(MAX_REGION):
+        if node is None:
+            return None
+        region = activation_region(node, producers, readers, initializers)
+        if region is not None and region[0] == tensor:
+            inside = sum(name == tensor for member in region[1] for name in member.input)
+            return (node.output[0], region[1]) if inside == readers[tensor] else None
+        if len(node.output) != 1 or readers[node.output[0]] != 1:
+            return None
+        node = consumers.get(node.output[0])
+    return None
 
 
 def is_per_channel(node, initializers) -> bool:
@@ -100,34 +153,49 @@ def channel_count(tensor, producers, initializers) -> int | None:
 
 
 def walk_to_producer(tensor, producers, readers, outputs, initializers):
-    """Walk up from `tensor` through per-channel ops and axis-1 Gathers, each tensor read once.
+    """Walk up from `tensor` through per-channel ops, activation_regions and axis-1 Gathers, each
+    tensor read once (a region's input: only by the region).
 
     Returns (top, chain): chain lists the nodes passed, nearest first; top is the Conv where the
     walk ended (its weight and bias constants read by nothing else; any group count), or None."""
-    chain = []
+    chain, reads = [], 1  # reads: the uses of `tensor` the walk accounts for
     while True:
         node = producers.get(tensor)
-        if node is None or readers[tensor] != 1 or tensor in outputs:
+        if node is None or readers[tensor] != reads or tensor in outputs:
             return None, chain
         if node.op_type == "Conv" and not is_depthwise(node, initializers):
             params = [name for name in node.input[1:] if name]
             if any(p not in initializers or readers[p] != 1 for p in params):
                 return None, chain
             return node, chain
-        if gather_index(node, initializers) is None and not is_per_channel(node, initializers):
+        if gather_index(node, initializers) is not None or is_per_channel(node, initializers):
+            chain.append(node)
+            tensor, reads = node.input[0], 1
+            continue
+        region = activation_region(node, producers, readers, initializers)
+        if region is None:
             return None, chain
-        chain.append(node)
-        tensor = node.input[0]
+        tensor, nodes = region
+        chain += nodes
+        reads = sum(name == tensor for member in nodes for name in member.input)
 
 
-def walk_to_consumer(tensor, consumers, readers, outputs, initializers):
+def walk_to_consumer(tensor, consumers, producers, readers, outputs, initializers):
     """Walk down from `tensor` through per-channel ops (and Flatten after a global pool) to the
     layer that contracts its channel axis: a Conv with group 1, or a Gemm/MatMul after the Flatten,
-    its weight a constant read by nothing else. Each tensor read once, none a graph output.
+    its weight a constant read by nothing else. Each tensor read once (or only by one
+    activation_region, crossed whole), none a graph output.
 
     Returns (chain, consumer): the nodes passed, nearest first, and the layer, or None."""
     chain, flat = [], False
-    while tensor not in outputs and readers[tensor] == 1 and consumers[tensor].input[0] == tensor:
+    while tensor not in outputs and tensor in consumers:
+        if readers[tensor] != 1 or consumers[tensor].input[0] != tensor:
+            below = None if flat else region_below(tensor, consumers, producers, readers, initializers)
+            if below is None:
+                break
+            tensor, nodes = below
+            chain += nodes[::-1]
+            continue
         node = consumers[tensor]
         weight = node.input[1] if len(node.input) > 1 else ""
         if (node.op_type == ("MatMul" if flat else "Conv") or (flat and node.op_type == "Gemm")) \
