@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -32,12 +32,13 @@ from gkp_onnx.options import OptimizeOptions, check_targets, flag
 from gkp_onnx.passes.analyze import Analyze
 from gkp_onnx.passes.canonicalize import Canonicalize
 from gkp_onnx.passes.choose_groups import ChooseGroups
+from gkp_onnx.passes.conv_budget import ConvBudget, dense_refit
 from gkp_onnx.passes.cluster import ClusterFilters
 from gkp_onnx.passes.fold_gathers import FoldGathers
 from gkp_onnx.passes.nm_budget import NmBudget
 from gkp_onnx.passes.nm_sparsify import NmSparsify
 from gkp_onnx.passes.partition_streams import PartitionStreams, PermuteStreams
-from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, head_inputs
+from gkp_onnx.passes.prune_heads import PruneHeads, attention_blocks, attention_cores, head_inputs
 from gkp_onnx.passes.prune_neurons import PruneNeurons, ffn_regions
 from gkp_onnx.passes.reconstruct import Reconstruct, ReconstructNm
 from gkp_onnx.passes.rewrite_conv import RewriteConv
@@ -51,6 +52,7 @@ from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, channel_covar
                                data_shapes, load_dataset, make_session, random_dataset, run_model)
 
 log = logging.getLogger(__name__)
+BUDGET_REFIT_ROWS = 256  # --target-speedup on Convs with --reconstruct: samples each level's model is refit on
 HEAD_CHECK_ROWS = 2  # samples each pruned attention block is checked on against the masked dense model
 
 
@@ -94,8 +96,9 @@ def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
-    """Prune every eligible Conv with Grouped Kernel Pruning (with ffn_ratio=R / head_ratio=R /
-    target_speedup=X, remove transformer feed-forward neurons and attention heads; with nm="2:4",
+    """Prune every eligible Conv with Grouped Kernel Pruning (with ffn_ratio=R / head_ratio=R, remove
+    transformer feed-forward neurons and attention heads; with target_speedup=X and calib, choose per
+    Conv, or per transformer block, what to remove for that measured speed-up; with nm="2:4",
     sparsify MatMul/Gemm weights N:M); return the new model and its report.
 
     `model` is never modified. Keyword options are the fields of `OptimizeOptions`
@@ -105,9 +108,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onn
 
 
 def sweep(model: onnx.ModelProto | str | os.PathLike, targets, **options) -> list[tuple[onnx.ModelProto, Report]]:
-    """One analysis, a family: the model optimized for each target speed-up in `targets` (transformer
-    heads and neurons, with calib; see optimize's target_speedup). The damage of every block's
-    options is measured once and shared; each target is allocated, timed and refit on its own."""
+    """One analysis, a family: the model optimized for each target speed-up in `targets` (Conv
+    channels, or transformer heads and neurons; with calib; see optimize's target_speedup). The
+    damage of every option is measured once and shared; each target is allocated, timed and refit
+    on its own."""
     targets = check_targets(targets)
     for name in ("target_speedup", "ffn_ratio", "head_ratio"):
         if options.get(name) is not None:
@@ -151,12 +155,15 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
 
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
+    conv_target = bool(opts.target_speedup) and opts.gkp and not _transformer(working, patterns)
     if opts.plan:
         optimized, plan = _replay(pipeline, working, Plan.load(opts.plan), details)
+    elif conv_target:
+        optimized, plan = _budget_convs(pipeline, opts, specs, patterns, working, given, data, details, analysis)
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     timings["optimize"] = time.perf_counter() - start
-    structured = opts.ffn_ratio or opts.head_ratio or opts.target_speedup
+    structured = opts.ffn_ratio or opts.head_ratio or (opts.target_speedup and not conv_target)
     if structured:
         start = time.perf_counter()
         optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs, analysis=analysis)
@@ -252,6 +259,53 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
 
 
+def _transformer(model: onnx.ModelProto, patterns: list[re.Pattern]) -> bool:
+    """Whether the model has attention or feed-forward blocks (--target-speedup then budgets those)."""
+    return bool(attention_cores(model, patterns)[0] or ffn_regions(model, patterns))
+
+
+def _budget_convs(pipeline: Pipeline, opts: OptimizeOptions, specs: list[InputSpec], patterns: list[re.Pattern],
+                  working: onnx.ModelProto, given: onnx.ModelProto, data: Dataset, details: dict, analysis: dict
+                  ) -> tuple[onnx.ModelProto, Plan]:
+    """--target-speedup on Convs: the ratio of every prunable Conv from passes/conv_budget.py (the
+    damage of each layer at each level on --calib, allocations timed against the input), then the
+    model built with them."""
+    fast = build_pipeline(replace(opts, reconstruct=False), specs, patterns, working, data)  # timing: no refit
+
+    def decide(ratio: float) -> tuple[onnx.ModelProto, Plan, dict]:
+        plan = Plan(ratio=ratio, method=opts.method, seed=opts.seed)
+        run_passes(fast.analyze, working, plan)
+        if not plan.layers:
+            return working, plan, {}
+        analysed, plan = run_passes(fast.partition, working, plan)
+        _, plan = run_passes(fast.decide, analysed, plan)
+        if not opts.reconstruct:
+            return analysed, plan, {}
+        refit, _ = run_passes([PermuteStreams(), RewriteConv(), Reconstruct(working, data.first(BUDGET_REFIT_ROWS))],
+                              working, plan, {})  # each level's model refit as the final one will be
+        return analysed, plan, {layer.node: dense_refit(refit, layer) for layer in plan.layers}
+
+    def planned(allocation: dict) -> Plan:
+        return Plan(ratio=0.0, method=opts.method, seed=opts.seed, layer_ratios=dict(allocation["convs"]))
+
+    provider, batch = opts.bench_providers[0], opts.bench_batches[0] if opts.bench_batches else specs[0].shape[0]
+
+    def measure(allocation: dict) -> float:
+        trial, _ = fast.run(working, planned(allocation), {})
+        timings = bench([given, trial], batches=[batch], providers=[provider], threads=opts.bench_threads,
+                        input_shapes=opts.input_shapes, repeats=opts.bench_repeats,
+                        min_time_s=opts.bench_min_time_s, seed=opts.seed)
+        return timings[1].speedup
+
+    found: dict = {}
+    budget = ConvBudget(opts.target_speedup, data, decide, model_stats(working, specs).macs, measure,
+                        analysis.get("conv_levels"))
+    run_passes([budget], working, Plan(ratio=0.0, method=opts.method, seed=opts.seed), found)
+    analysis["conv_levels"] = found["levels"]
+    details["allocation"], details["structured_budget"] = found["allocation"], found["structured_budget"]
+    return pipeline.run(working, planned(found["allocation"]), details)
+
+
 def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: list[re.Pattern],
                        data: Dataset | None, original: onnx.ModelProto, details: dict,
                        specs: list[InputSpec], allocation: dict | None = None, analysis: dict | None = None
@@ -290,8 +344,8 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
 
         blocks, regions = attention_blocks(model, sample, patterns)[0], ffn_regions(model, patterns)
         if not blocks and not regions:
-            raise GkpError("--target-speedup allocates transformer attention heads and feed-forward neurons, and "
-                           "this model has none that can be removed (Convs take --ratio)")
+            raise GkpError("--target-speedup allocates transformer attention heads and feed-forward neurons (and "
+                           "Conv channels, with GKP on), and this model has none that can be removed")
         budget = StructuredBudget(opts.target_speedup, data, covariances, blocks, regions,
                                   stats.node_macs, stats.macs, measure, analysis.get("levels"))
         run_passes([budget], model, plan, found)

@@ -238,7 +238,7 @@ class OptimizeOptions:
     bench_min_time_s: float = 1.0  # more rounds until the timed ones last this long per batch
     ffn_ratio: float | None = None  # share of transformer feed-forward neurons removed (passes/prune_neurons.py)
     head_ratio: float | None = None  # share of transformer attention heads removed (passes/prune_heads.py)
-    target_speedup: float | None = None  # transformers: heads and neurons per block for this measured speed-up
+    target_speedup: float | None = None  # with calib: per-Conv ratios (or per-block heads and neurons) for this speed-up
     nm: str | None = None  # "2:4": N:M sparsity for MatMul/Gemm weights
     nm_conv: bool = False
     nm_include_head: bool = False
@@ -252,12 +252,13 @@ class OptimizeOptions:
         check("head_ratio", self.head_ratio)
         check("target_speedup", self.target_speedup)
         if self.target_speedup is not None and not self.calib:
-            raise GkpError("--target-speedup measures each block's damage on calibration data: give --calib data.npz")
+            raise GkpError("--target-speedup measures the damage of each layer or block on calibration data: give "
+                           "--calib data.npz")
         if self.plan is not None and (self.ffn_ratio or self.head_ratio or self.target_speedup):
             raise GkpError("--plan replays GKP's Conv plan; the heads and neurons removed are not in it: give "
                            "--ffn-ratio / --head-ratio / --target-speedup without --plan")
         if self.target_speedup is not None and (self.ffn_ratio is not None or self.head_ratio is not None):
-            raise GkpError("--target-speedup chooses the heads and neurons each block keeps: give it or "
+            raise GkpError("--target-speedup chooses what each layer or block keeps: give it or "
                            "--ffn-ratio / --head-ratio, not both")
         if self.method not in SELECTION_METHODS:
             raise GkpError(f"unknown --method {self.method!r} (choose from {', '.join(SELECTION_METHODS)})")

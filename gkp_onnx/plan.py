@@ -105,6 +105,8 @@ class Plan:
     # partition_streams: per reordered channel space (named by a tensor of it), the new channel
     # order (channel k = old channel order[k]), applied to the dense model before the rewrite.
     permutations: dict[str, list[int]] = field(default_factory=dict)
+    # --target-speedup on Convs: per layer (node name), the ratio its budget chose instead of `ratio`
+    layer_ratios: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -115,6 +117,7 @@ class Plan:
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
             "permutations": self.permutations,
+            "layer_ratios": self.layer_ratios,
         }
 
     @classmethod
@@ -124,6 +127,10 @@ class Plan:
         if not isinstance(data["ratio"], (int, float)) or not isinstance(data["method"], str) \
                 or not isinstance(data["seed"], int):
             raise ValueError("ratio, method and seed must be a number, a string and an integer")
+        ratios = data.get("layer_ratios", {})
+        if not isinstance(ratios, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                   and not isinstance(v, bool) for k, v in ratios.items()):
+            raise ValueError("layer_ratios must map node names to numbers")
         return cls(
             ratio=data["ratio"],
             method=data["method"],
@@ -131,6 +138,7 @@ class Plan:
             layers=[LayerPlan.from_dict(layer) for layer in data["layers"]],
             skipped=[SkippedLayer(**s) for s in data.get("skipped", [])],
             permutations=data.get("permutations", {}),
+            layer_ratios=ratios,
         )
 
     def save(self, path: str | Path) -> None:

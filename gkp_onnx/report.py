@@ -99,7 +99,8 @@ class Report:
         }
 
     def _structured_flag(self, ratio_flag: str) -> str:
-        return " (--target-speedup: per block)" if self.structured_budget else f" ({ratio_flag})"
+        return " (--target-speedup: per block)" if self.structured_budget and not self.plan.layer_ratios \
+            else f" ({ratio_flag})"
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON report atomically."""
@@ -110,20 +111,27 @@ class Report:
         os.replace(tmp, path)
 
     def table(self, max_layers: int = 200) -> str:
-        lines = [f"gkp-onnx optimize  {self.source}  ratio {self.plan.ratio:g}  method {self.plan.method}  "
+        ratio = "per layer (--target-speedup)" if self.plan.layer_ratios else f"{self.plan.ratio:g}"
+        lines = [f"gkp-onnx optimize  {self.source}  ratio {ratio}  method {self.plan.method}  "
                  f"seed {self.plan.seed}"] + [f"input: {note}" for note in self.input_notes] \
             + [f"note: {note}" for note in self.notes] + [""]
         if self.plan.layers:
             width = max([len(layer.node) for layer in self.plan.layers] + [5])
+            damage = (self.structured_budget or {}).get("damage", {}) if self.plan.layer_ratios else {}
             lines.append(f"{'layer':<{width}}  {'Co':>5} {'Ci':>5} {'kernel':>6} {'G':>4} {'n':>5} "
-                         f"{'MACs':>9} {'-> MACs':>9} {'kept W^2':>8}")
+                         f"{'MACs':>9} {'-> MACs':>9} {'kept W^2':>8}" + ("  ratio   damage" if damage else ""))
             for layer in self.plan.layers[:max_layers]:
                 kernel = "x".join(map(str, layer.kernel_shape))
                 retained = f"{layer.retained_importance:.3f}" if layer.retained_importance is not None else "-"
                 groups = f"{layer.group_count}{'s' if layer.shared else ''}"
+                chosen = ""
+                if damage:  # the budget's ratio for the layer and the damage measured at it
+                    ratio = self.plan.layer_ratios.get(layer.node, 0.0)
+                    measured = damage.get(f"convs {layer.node}", {}).get(ratio)
+                    chosen = f"  {ratio:>5g} " + (f"{measured:>8.2g}" if measured is not None else f"{'-':>8}")
                 lines.append(f"{layer.node:<{width}}  {layer.out_channels:>5} {layer.in_channels:>5} {kernel:>6} "
                              f"{groups:>4} {layer.kept_per_group:>5} {_si(layer.macs):>9} "
-                             f"{_si(layer.pruned_macs):>9} {retained:>8}")
+                             f"{_si(layer.pruned_macs):>9} {retained:>8}{chosen}")
             if len(self.plan.layers) > max_layers:
                 lines.append(f"... {len(self.plan.layers) - max_layers} more layers (see --report)")
             if any(layer.shared for layer in self.plan.layers):

@@ -56,7 +56,7 @@ def kept_per_group(in_channels: int, ratio: float) -> int:
     return max(1, int((1.0 - ratio) * in_channels + 0.5))
 
 
-def round_to_multiple(layers: list[tuple[int, int]], ratio: float, multiple: int) -> list[int]:
+def round_to_multiple(layers: list[tuple[int, int]], ratio: float | list[float], multiple: int) -> list[int]:
     """Kept channels n per layer, (in_channels, MACs) each, for hardware-friendly shapes.
 
     onnxruntime CPU runs Convs in its NCHWc layout with channel blocks of 8 (AVX2) or 16 (AVX512):
@@ -67,10 +67,11 @@ def round_to_multiple(layers: list[tuple[int, int]], ratio: float, multiple: int
     closest to the ratio (error diffusion in graph order; ties keep more). The ratio thus holds
     over the model, not per layer; a layer may round up to all its channels (it stays dense).
     Layers narrower than `multiple`, and every layer when `multiple` is 1, keep the plain
-    `kept_per_group`.
+    `kept_per_group`. `ratio`: one for all layers, or one per layer.
     """
     kept, carry = [], 0.0
-    for in_channels, macs in layers:
+    ratios = ratio if isinstance(ratio, list) else [ratio] * len(layers)
+    for (in_channels, macs), ratio in zip(layers, ratios):
         exact = (1.0 - ratio) * in_channels
         step = multiple if exact >= multiple else multiple // 2
         if multiple <= 1 or in_channels < multiple or exact < step:
@@ -148,15 +149,21 @@ class Analyze(Pass):
         # layer's Gather folds into it and prunes its outputs), and its producer's outputs
         folded = {top.name for top in folds_into.values()}
         scaled = [layer.macs * (keep if layer.node in folded else 1.0) + layer.producer_macs for layer in plan.layers]
+        ratios = [plan.layer_ratios.get(layer.node, plan.ratio) for layer in plan.layers]
         kept = round_to_multiple([(layer.in_channels, macs) for layer, macs in zip(plan.layers, scaled)],
-                                 plan.ratio, self.channel_multiple)
+                                 ratios, self.channel_multiple)
         for layer, n in zip(plan.layers, kept):
             layer.kept_per_group = n
-        if self.channel_multiple > 1 and plan.ratio > 0:  # a layer rounded up to all its channels stays dense
+        whole = [bool(plan.layer_ratios) and ratio == 0 for ratio in ratios]  # a budget's layers at 0 stay dense
+        plan.skipped += [SkippedLayer(layer.node, "Conv", "kept dense: the --target-speedup budget keeps it whole")
+                         for layer, dense in zip(plan.layers, whole) if dense]
+        if self.channel_multiple > 1:  # a layer rounded up to all its channels stays dense
             plan.skipped += [SkippedLayer(layer.node, "Conv", f"kept dense: rounded to multiples of "
                                           f"{self.channel_multiple}, it keeps all {layer.in_channels} channels")
-                             for layer in plan.layers if layer.kept_per_group >= layer.in_channels]
-            plan.layers = [layer for layer in plan.layers if layer.kept_per_group < layer.in_channels]
+                             for layer, ratio, dense in zip(plan.layers, ratios, whole)
+                             if ratio > 0 and not dense and layer.kept_per_group >= layer.in_channels]
+        plan.layers = [layer for layer, ratio, dense in zip(plan.layers, ratios, whole) if not dense and
+                       (ratio == 0 or self.channel_multiple <= 1 or layer.kept_per_group < layer.in_channels)]
         return PassResult(model, plan, modified=False)
 
     def _skip_reason(self, node, initializers, producers, readers, input_names, shapes) -> str | None:

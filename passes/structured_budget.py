@@ -57,24 +57,8 @@ class StructuredBudget(Pass):
 
     def call(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         options = self.levels if self.levels is not None else self._options(model)
-        rounds, share = [], self.target ** -FIRST_GUESS
-        for _ in range(ROUNDS):
-            allocation, saved, damage = _allocate(options, self.total_macs * (1 - share))
-            speedup = self.measure(allocation)
-            rounds.append({"macs": 1 - saved / self.total_macs, "speedup": speedup, "damage": damage,
-                           "allocation": allocation})
-            deepest = all(len(levels) == 1 or allocation[kind][key] == levels[-1]["keep"]
-                          for (kind, key), levels in options.items())
-            if speedup >= self.target and (speedup < self.target * 1.05 or len(rounds) > 1) or deepest:
-                break
-            share *= speedup / self.target
-        met = [r for r in rounds if r["speedup"] >= self.target]
-        best = min(met, key=lambda r: r["damage"]) if met else max(rounds, key=lambda r: r["speedup"])
-        summary = {"target_speedup": self.target, "speedup": best["speedup"], "macs": best["macs"],
-                   "met": bool(met), "rounds": [{k: r[k] for k in ("macs", "speedup", "damage")} for r in rounds],
-                   "damage": {f"{kind} {key}": {level["keep"]: level["damage"] for level in levels}
-                              for (kind, key), levels in options.items()}}
-        return PassResult(model, plan, modified=False, details={"allocation": best["allocation"],
+        allocation, summary = measured_rounds(options, self.target, self.total_macs, self.measure)
+        return PassResult(model, plan, modified=False, details={"allocation": allocation,
                                                                 "structured_budget": summary, "levels": options})
 
     def _options(self, model: onnx.ModelProto) -> dict[tuple[str, str], list[dict]]:
@@ -131,9 +115,34 @@ class StructuredBudget(Pass):
         return options
 
 
-def _allocate(options: dict, needed: float) -> tuple[dict, int, float]:
+def measured_rounds(options: dict, target: float, total_macs: int, measure: Callable[[dict], float]
+                    ) -> tuple[dict, dict]:
+    """Allocate for a MAC share, measure, rescale the share by the miss; up to ROUNDS times.
+    (the allocation kept: the least damaging that met `target`, else the fastest; the summary)."""
+    rounds, share = [], target ** -FIRST_GUESS
+    for _ in range(ROUNDS):
+        allocation, saved, damage = allocate(options, total_macs * (1 - share))
+        speedup = measure(allocation)
+        rounds.append({"macs": 1 - saved / total_macs, "speedup": speedup, "damage": damage,
+                       "allocation": allocation})
+        deepest = all(len(levels) == 1 or allocation[kind][key] == levels[-1]["keep"]
+                      for (kind, key), levels in options.items())
+        if speedup >= target and (speedup < target * 1.05 or len(rounds) > 1) or deepest:
+            break
+        share *= speedup / target
+    met = [r for r in rounds if r["speedup"] >= target]
+    best = min(met, key=lambda r: r["damage"]) if met else max(rounds, key=lambda r: r["speedup"])
+    summary = {"target_speedup": target, "speedup": best["speedup"], "macs": best["macs"],
+               "met": bool(met), "rounds": [{k: r[k] for k in ("macs", "speedup", "damage")} for r in rounds],
+               "damage": {f"{kind} {key}": {level["keep"]: level["damage"] for level in levels}
+                          for (kind, key), levels in options.items()}}
+    return best["allocation"], summary
+
+
+def allocate(options: dict, needed: float) -> tuple[dict, int, float]:
     """Levels saving at least `needed` MACs (or all the deepest), the cheapest in damage per MAC
-    first: ({"heads": {block: keep}, "neurons": {block: keep}}, MACs saved, summed damage)."""
+    first: ({kind: {key: keep}} for the options' (kind, key), e.g. {"heads": {block: keep},
+    "neurons": {block: keep}}; MACs saved, summed damage)."""
     at = {key: 0 for key in options}
 
     def saved() -> int:
@@ -154,5 +163,5 @@ def _allocate(options: dict, needed: float) -> tuple[dict, int, float]:
         at[best[1]] = best[2]
     allocation = {"heads": {}, "neurons": {}}
     for (kind, key), i in at.items():
-        allocation[kind][key] = options[(kind, key)][i]["keep"]
+        allocation.setdefault(kind, {})[key] = options[(kind, key)][i]["keep"]
     return allocation, saved(), sum(options[key][i]["damage"] for key, i in at.items())

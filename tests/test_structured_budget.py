@@ -11,7 +11,7 @@ from gkp_onnx.cli import main
 from gkp_onnx.graph import input_specs, model_stats
 from gkp_onnx.passes.prune_heads import attention_blocks
 from gkp_onnx.passes.prune_neurons import ffn_regions
-from gkp_onnx.passes.structured_budget import StructuredBudget, _allocate
+from gkp_onnx.passes.structured_budget import StructuredBudget, allocate
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Dataset, channel_covariances
 from test_prune_heads import S, attention
@@ -34,11 +34,11 @@ def test_allocation_takes_the_least_damage_per_mac_saved_and_stops_at_the_need()
     options = {("heads", "a"): [{"keep": 4, "saved": 0, "damage": 0.0}, {"keep": 2, "saved": 100, "damage": 0.1}],
                ("neurons", "b"): [{"keep": 64, "saved": 0, "damage": 0.0}, {"keep": 48, "saved": 100, "damage": 0.01},
                                   {"keep": 32, "saved": 200, "damage": 0.5}]}
-    allocation, saved, damage = _allocate(options, 50)
+    allocation, saved, damage = allocate(options, 50)
     assert allocation == {"heads": {"a": 4}, "neurons": {"b": 48}} and saved == 100 and damage == pytest.approx(0.01)
-    allocation, saved, _ = _allocate(options, 150)  # next: heads (0.1 per 100) before neurons 48 -> 32 (0.49)
+    allocation, saved, _ = allocate(options, 150)  # next: heads (0.1 per 100) before neurons 48 -> 32 (0.49)
     assert allocation == {"heads": {"a": 2}, "neurons": {"b": 48}} and saved == 200
-    allocation, saved, _ = _allocate(options, 10 ** 9)  # out of reach: everything at its deepest level
+    allocation, saved, _ = allocate(options, 10 ** 9)  # out of reach: everything at its deepest level
     assert allocation == {"heads": {"a": 2}, "neurons": {"b": 32}} and saved == 300
 
 

@@ -162,9 +162,10 @@ def add_pruning(parser: argparse.ArgumentParser, structured: bool = True) -> Non
                            help="transformers: share of attention heads to remove, in [0, 1) (Q/K/V columns and "
                                 "output projection rows per head; with grouped-query attention whole key/value groups)")
         group.add_argument("--target-speedup", type=float, metavar="X",
-                           help="transformers, with --calib: remove the attention heads and feed-forward neurons that "
-                                "cost the least fidelity per MAC, block by block, until the model measures X times "
-                                "faster than the input (onnxruntime, the first --bench provider and batch)")
+                           help="with --calib: a pruning ratio per Conv (CNNs) or per attention / feed-forward "
+                                "block (transformers), the least output damage per MAC first, until the model "
+                                "measures X times faster than the input (onnxruntime, the first --bench provider "
+                                "and batch; --reconstruct: damage measured after the refit)")
     group.add_argument("--min-group-width", type=option("min_group_width"), default=DEFAULTS.min_group_width,
                        help=f"smallest output channels per group considered by auto (default {DEFAULTS.min_group_width})")
     group.add_argument("--speed-weight", type=option("speed_weight"), default=DEFAULTS.speed_weight,

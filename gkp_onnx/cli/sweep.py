@@ -22,8 +22,9 @@ def targets(text: str) -> list[float]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="transformers: the input optimized for several target speed-ups at once "
-                                     "(one damage analysis; models, a table and a plot in OUTDIR)")
+    p = sub.add_parser("sweep", help="the input optimized for several target speed-ups at once (one damage "
+                                     "analysis of its Conv channels, or of its attention heads and feed-forward "
+                                     "neurons; models, a table and a plot in OUTDIR)")
     p.add_argument("input")
     p.add_argument("outdir", help="folder for NAME-<target>x.onnx, sweep.md, sweep.json and sweep.png "
                                   "(made when missing; files of the same names in it are replaced when the run "
@@ -34,7 +35,8 @@ def register(sub) -> None:
     shared.add_shapes(p)
     p.add_argument("--calib", metavar="DATA.npz|DIR",
                    help="inputs the damage of each block is measured on (and fidelity validated on); needed")
-    p.add_argument("--reconstruct", action="store_true", help="refit what reads the pruned heads and neurons")
+    p.add_argument("--reconstruct", action="store_true", help="refit the pruned Convs / what reads the pruned "
+                                                              "heads and neurons")
     shared.add_images(p)
     group = p.add_argument_group("latency (what each target is measured on)")
     group.add_argument("--bench-batch", dest="bench_batches", type=shared.batches, default=[1], metavar="B")
