@@ -115,7 +115,7 @@ def sweep(model: onnx.ModelProto | str | os.PathLike, targets, **options) -> lis
     targets = check_targets(targets)
     for name in ("target_speedup", "ffn_ratio", "head_ratio"):
         if options.get(name) is not None:
-            raise GkpError(f"sweep chooses the heads and neurons per target: {flag(name)} does not apply")
+            raise GkpError(f"sweep chooses what each layer or block keeps per target: {flag(name)} does not apply")
     analysis: dict = {}
     return [_optimize(model, OptimizeOptions(**{**options, "target_speedup": target}), analysis) for target in targets]
 
@@ -155,7 +155,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
 
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
-    conv_target = bool(opts.target_speedup) and opts.gkp and not _transformer(working, patterns)
+    conv_target = bool(opts.target_speedup) and opts.gkp and not _transformer(working, patterns, pipeline.analyze)
     if opts.plan:
         optimized, plan = _replay(pipeline, working, Plan.load(opts.plan), details)
     elif conv_target:
@@ -167,8 +167,8 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
     if structured:
         start = time.perf_counter()
         optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs, analysis=analysis)
-        chosen = {key: details[key] for key in ("allocation", "structured_budget") if key in details}
         timings["prune_transformer"] = time.perf_counter() - start
+    chosen = {key: details[key] for key in ("allocation", "structured_budget") if key in details}  # rebuilds keep it
     nm_result = None
     check = held or data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
         if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
@@ -192,7 +192,7 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
             if structured:
                 rebuilt = _prune_transformer(rebuilt, opts, patterns, data, working, details, specs,
                                              chosen.get("allocation"))  # a rebuild keeps what the budget chose
-                details.update(chosen)
+            details.update(chosen)
             if opts.nm:  # the report describes the model returned: the N:M result of this build
                 rebuilt, nm_result = _nm_sparsity(rebuilt, opts, patterns, data, working, budget,
                                                   details.get("neuron_orders"))
@@ -259,9 +259,16 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
 
 
-def _transformer(model: onnx.ModelProto, patterns: list[re.Pattern]) -> bool:
-    """Whether the model has attention or feed-forward blocks (--target-speedup then budgets those)."""
-    return bool(attention_cores(model, patterns)[0] or ffn_regions(model, patterns))
+def _transformer(model: onnx.ModelProto, patterns: list[re.Pattern], analyze: list[Pass]) -> bool:
+    """Whether --target-speedup budgets transformer blocks: the model has attention, or feed-forward
+    blocks and no Conv GKP prunes (a CNN's MLP classifier is no reason to leave its Convs alone)."""
+    if attention_cores(model, patterns)[0]:
+        return True
+    if not ffn_regions(model, patterns):
+        return False
+    probe = Plan(ratio=0.5, method="-", seed=0)
+    run_passes(analyze, model, probe)
+    return not probe.layers
 
 
 def _budget_convs(pipeline: Pipeline, opts: OptimizeOptions, specs: list[InputSpec], patterns: list[re.Pattern],

@@ -1,6 +1,7 @@
 """The plan: what the passes decided per layer, serialisable so it can be written, read and replayed.
 
-A `LayerPlan` describes one prunable Conv (weight W of shape [Co, Ci, kh, kw]):
+A `LayerPlan` describes one prunable Conv (weight W of shape [Co, Ci, kh, kw]; Conv1d / Conv3d
+have one or three kernel dimensions):
 `groups[g]` lists the filters of group g (equal sizes d = Co / G) and `kept_channels[g]` the
 input channels that group keeps (the same count n for every group, sets may overlap).
 The grouped kernel W[f, j] survives iff j is in the kept set of f's group: `LayerPlan.mask()`.
@@ -129,8 +130,8 @@ class Plan:
             raise ValueError("ratio, method and seed must be a number, a string and an integer")
         ratios = data.get("layer_ratios", {})
         if not isinstance(ratios, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                                   and not isinstance(v, bool) for k, v in ratios.items()):
-            raise ValueError("layer_ratios must map node names to numbers")
+                                                   and not isinstance(v, bool) and 0 <= v < 1 for k, v in ratios.items()):
+            raise ValueError("layer_ratios must map node names to ratios in [0, 1)")
         return cls(
             ratio=data["ratio"],
             method=data["method"],

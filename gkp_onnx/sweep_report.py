@@ -32,6 +32,7 @@ def sweep_rows(reports: list[Report]) -> list[dict]:
             "cosine": fidelity.min_cosine if fidelity else None,
             "data": fidelity.data if fidelity else None,
             **_kept(report, "heads"), **_kept(report, "neurons"),
+            "convs": len(report.plan.layers), "convs_of": len(report.plan.layer_ratios),  # CNNs: Convs pruned
         })
     return rows
 
@@ -48,13 +49,15 @@ def sweep_table(rows: list[dict]) -> str:
         return "-" if value is None else text.format(value)
 
     lines = ["| target | met | measured (budget) | measured (--bench) | MACs | min cosine | heads kept "
-             "| neurons kept |", "|---|---|---|---|---|---|---|---|"]
+             "| neurons kept | Convs pruned |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         heads = f"{row['heads']} of {row['heads_of']}" if row["heads_of"] else "-"
         neurons = f"{row['neurons']} of {row['neurons_of']}" if row["neurons_of"] else "-"
+        convs = f"{row['convs']} of {row['convs_of']}" if row.get("convs_of") else "-"
         lines.append(f"| {row['target_speedup']:g}x | {'yes' if row['met'] else 'no'} | "
                      f"{number(row['budget_speedup'], '{:.2f}x')} | {number(row['bench_speedup'], '{:.2f}x')} | "
-                     f"{number(row['macs'], 'x{:.3f}')} | {number(row['cosine'], '{:.4f}')} | {heads} | {neurons} |")
+                     f"{number(row['macs'], 'x{:.3f}')} | {number(row['cosine'], '{:.4f}')} | {heads} | {neurons} "
+                     f"| {convs} |")
     data = next((row["data"] for row in rows if row["data"]), None)
     bench = next((row["bench"] for row in rows if row["bench"]), None)
     if data or bench:

@@ -237,6 +237,8 @@ def _conv_transpose(g, attrs, x, w, b=None):
 
 def _dequantize(g, attrs, x, scale, zero=None):
     """DequantizeLinear: (x - zero) * scale, per tensor or along `axis`."""
+    if attrs.get("block_size"):
+        raise GkpError("cannot run the model in torch: blocked DequantizeLinear (block_size)")
     shape = [1] * x.dim()
     if scale.dim() == 1 and scale.numel() > 1:
         shape[_axis(attrs.get("axis", 1), x.dim())] = -1

@@ -45,8 +45,9 @@ def _subgraph_convs(graph: onnx.GraphProto) -> list[SkippedLayer]:
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 where = f"inside the '{attr.name}' subgraph of {node.op_type} '{node.name}'"
-                found += [SkippedLayer(inner.name, inner.op_type, f"{where}: only the main graph is rewritten")
-                          for inner in sub.node if inner.op_type in ("Conv", "ConvTranspose")]
+                found += [SkippedLayer(f"{node.name}/{attr.name}/{inner.name or f'{inner.op_type}_{i}'}", inner.op_type,
+                                       f"{where}: only the main graph is rewritten")
+                          for i, inner in enumerate(sub.node) if inner.op_type in ("Conv", "ConvTranspose")]
                 found += _subgraph_convs(sub)
     return found
 
@@ -72,6 +73,9 @@ def round_to_multiple(layers: list[tuple[int, int]], ratio: float | list[float],
     kept, carry = [], 0.0
     ratios = ratio if isinstance(ratio, list) else [ratio] * len(layers)
     for (in_channels, macs), ratio in zip(layers, ratios):
+        if ratio <= 0:  # all channels, and no rounding error to carry
+            kept.append(in_channels)
+            continue
         exact = (1.0 - ratio) * in_channels
         step = multiple if exact >= multiple else multiple // 2
         if multiple <= 1 or in_channels < multiple or exact < step:
@@ -140,15 +144,20 @@ class Analyze(Pass):
                 input_folds=top is not None,
                 output_sinks=walk_to_consumer(node.output[0], consumers, producers, readers, outputs,
                                               initializers)[1] is not None))
-        keep, pruned = 1.0 - plan.ratio, {layer.node for layer in plan.layers}
+        pruned = {layer.node for layer in plan.layers}
+
+        def keep(node: str) -> float:  # the share of its input channels a layer keeps
+            return 1.0 - plan.layer_ratios.get(node, plan.ratio) if node in pruned else 1.0
+
         for layer in plan.layers:
             top = folds_into.get(layer.node)
             if top is not None:
-                layer.producer_macs = (node_macs(top, shapes) or 0) * (keep if top.name in pruned else 1.0)
-        # the MACs that scale with a layer's kept channels: its own (times 1 - ratio where a later
-        # layer's Gather folds into it and prunes its outputs), and its producer's outputs
+                layer.producer_macs = (node_macs(top, shapes) or 0) * keep(top.name)
+        # the MACs that scale with a layer's kept channels: its own (times what it keeps where a
+        # later layer's Gather folds into it and prunes its outputs), and its producer's outputs
         folded = {top.name for top in folds_into.values()}
-        scaled = [layer.macs * (keep if layer.node in folded else 1.0) + layer.producer_macs for layer in plan.layers]
+        scaled = [layer.macs * (keep(layer.node) if layer.node in folded else 1.0) + layer.producer_macs
+                  for layer in plan.layers]
         ratios = [plan.layer_ratios.get(layer.node, plan.ratio) for layer in plan.layers]
         kept = round_to_multiple([(layer.in_channels, macs) for layer, macs in zip(plan.layers, scaled)],
                                  ratios, self.channel_multiple)

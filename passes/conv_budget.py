@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from gkp_onnx.errors import GkpError
 from gkp_onnx.graph import initializer_map, initializers_as_inputs
-from gkp_onnx.passes.structured_budget import measured_rounds
+from gkp_onnx.budget import measured_rounds
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Dataset, make_session, run_model

@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
-from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted, pinned
+from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted, pinned, subgraph_reads
 from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
@@ -506,10 +506,11 @@ def _up_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
         if node is not None and node.name not in needed:
             needed.add(node.name)
             todo.extend(node.input)
+            todo.extend(subgraph_reads(onnx.GraphProto(node=[node])))  # what its If / Loop bodies read
     part = onnx.ModelProto()
     part.CopyFrom(model)
     keep = [node for node in model.graph.node if node.name in needed]
-    read = {name for node in keep for name in node.input}
+    read = {name for node in keep for name in node.input} | subgraph_reads(onnx.GraphProto(node=keep))
     del part.graph.node[:], part.graph.output[:], part.graph.value_info[:]
     part.graph.node.extend(keep)
     part.graph.output.append(onnx.ValueInfoProto(name=tensor))

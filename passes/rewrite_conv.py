@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from gkp_onnx.graph import GATHER_IN, mark
+from gkp_onnx.graph import GATHER_IN, mark, subgraph_reads
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan
 
@@ -115,7 +115,7 @@ class RewriteConv(Pass):
         return gather
 
     def ensures(self, model: onnx.ModelProto, plan: Plan) -> None:
-        read = {name for node in model.graph.node for name in node.input}
+        read = {name for node in model.graph.node for name in node.input} | subgraph_reads(model.graph)
         dead = [t.name for t in model.graph.initializer if t.name not in read]
         if dead:
             raise PassContractError(f"rewrite_conv left unread initializers: {dead[:5]}")

@@ -13,8 +13,9 @@ target speed-up (--target-speedup X with --calib).
 3. Allocation: from all dense, repeatedly take the step (a block to a lower level) that adds the
    least damage per MAC saved, until the MACs saved reach the share the target asks for.
 4. Measured, never assumed: `measure` times the model pruned so against the input; the MAC share
-   is scaled by the miss and the allocation redone, up to ROUNDS times. The allocation kept is the
-   least damaging one that met the target, else the fastest; the report says which and by how much.
+   is scaled by the miss and the allocation redone, up to ROUNDS times (gkp_onnx/budget.py, shared
+   with conv_budget). The allocation kept is the least damaging one that met the target, else the
+   fastest; the report says which and by how much.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gkp_onnx.budget import measured_rounds
 from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias, weight_rows
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
@@ -33,9 +35,7 @@ from gkp_onnx.validate import Dataset, fidelity, make_session, output_kinds, run
 
 HEAD_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.25)  # shares of a block's key/value groups an allocation may keep
 NEURON_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # shares of a block's neurons
-FIRST_GUESS = 1.25  # first MAC share tried: target ** -FIRST_GUESS (latency falls slower than MACs)
 SAMPLES = 64
-ROUNDS = 4
 
 
 class StructuredBudget(Pass):
@@ -113,55 +113,3 @@ class StructuredBudget(Pass):
                                "damage": max(0.0, 1.0 - cosine)})
             options[(kind, key)] = levels
         return options
-
-
-def measured_rounds(options: dict, target: float, total_macs: int, measure: Callable[[dict], float]
-                    ) -> tuple[dict, dict]:
-    """Allocate for a MAC share, measure, rescale the share by the miss; up to ROUNDS times.
-    (the allocation kept: the least damaging that met `target`, else the fastest; the summary)."""
-    rounds, share = [], target ** -FIRST_GUESS
-    for _ in range(ROUNDS):
-        allocation, saved, damage = allocate(options, total_macs * (1 - share))
-        speedup = measure(allocation)
-        rounds.append({"macs": 1 - saved / total_macs, "speedup": speedup, "damage": damage,
-                       "allocation": allocation})
-        deepest = all(len(levels) == 1 or allocation[kind][key] == levels[-1]["keep"]
-                      for (kind, key), levels in options.items())
-        if speedup >= target and (speedup < target * 1.05 or len(rounds) > 1) or deepest:
-            break
-        share *= speedup / target
-    met = [r for r in rounds if r["speedup"] >= target]
-    best = min(met, key=lambda r: r["damage"]) if met else max(rounds, key=lambda r: r["speedup"])
-    summary = {"target_speedup": target, "speedup": best["speedup"], "macs": best["macs"],
-               "met": bool(met), "rounds": [{k: r[k] for k in ("macs", "speedup", "damage")} for r in rounds],
-               "damage": {f"{kind} {key}": {level["keep"]: level["damage"] for level in levels}
-                          for (kind, key), levels in options.items()}}
-    return best["allocation"], summary
-
-
-def allocate(options: dict, needed: float) -> tuple[dict, int, float]:
-    """Levels saving at least `needed` MACs (or all the deepest), the cheapest in damage per MAC
-    first: ({kind: {key: keep}} for the options' (kind, key), e.g. {"heads": {block: keep},
-    "neurons": {block: keep}}; MACs saved, summed damage)."""
-    at = {key: 0 for key in options}
-
-    def saved() -> int:
-        return sum(options[key][i]["saved"] for key, i in at.items())
-
-    while saved() < needed:
-        best = None
-        for key, levels in options.items():
-            here = levels[at[key]]
-            for j in range(at[key] + 1, len(levels)):
-                gain = levels[j]["saved"] - here["saved"]
-                if gain > 0:
-                    cost = max(levels[j]["damage"] - here["damage"], 0.0) / gain
-                    if best is None or cost < best[0]:
-                        best = (cost, key, j)
-        if best is None:
-            break
-        at[best[1]] = best[2]
-    allocation = {"heads": {}, "neurons": {}}
-    for (kind, key), i in at.items():
-        allocation.setdefault(kind, {})[key] = options[(kind, key)][i]["keep"]
-    return allocation, saved(), sum(options[key][i]["damage"] for key, i in at.items())

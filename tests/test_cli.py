@@ -63,7 +63,7 @@ def test_compare_and_inspect(model_path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("topology,node,reason", [
-    ("subgraph", "branch_conv", "inside the 'then_branch' subgraph of If 'if'"),
+    ("subgraph", "if/then_branch/branch_conv", "inside the 'then_branch' subgraph of If 'if'"),
     ("conv_transpose", "convtranspose", "ConvTranspose: GKP rewrites Conv only"),
     ("qdq", "conv", "weight is quantized (QDQ"),
     ("conv1d", "conv1", "GKP: prunable")])

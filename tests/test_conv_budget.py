@@ -150,3 +150,41 @@ def test_a_sweep_of_conv_targets_measures_the_damage_once(tmp_path, monkeypatch)
     results = sweep(model, [1.2, 1.5], calib=str(tmp_path / "calib.npz"), min_group_width=1, bench_repeats=3,
                     bench_min_time_s=0.0, validate=False)
     assert len(calls) == 1 and [r.structured_budget["target_speedup"] for _, r in results] == [1.2, 1.5]
+
+
+def test_a_cnn_with_an_mlp_classifier_budgets_its_convs(tmp_path):
+    """Gemm -> Relu -> Gemm is a feed-forward block, but the Convs hold the model's MACs: the
+    target goes to them, not to the classifier's neurons."""
+    from fixtures import GraphBuilder
+
+    b = GraphBuilder()
+    y = b.op("Relu", [b.conv(b.op("Relu", [b.conv("x", 16)]), 32)])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    hidden = b.op("Relu", [b.op("Gemm", [flat, b.weight("fc1.w", [64, 32]), b.weight("fc1.b", [64])], channels=64,
+                                transB=1)])
+    model = b.build(b.op("Gemm", [hidden, b.weight("fc2.w", [10, 64]), b.weight("fc2.b", [10])], channels=10,
+                         transB=1))
+    np.savez(tmp_path / "calib.npz", x=images(model, 16))
+    _, report = optimize(model, target_speedup=1.2, calib=str(tmp_path / "calib.npz"), min_group_width=1,
+                         bench_repeats=3, bench_min_time_s=0.0, validate=False)
+    assert report.plan.layer_ratios and not report.neurons
+
+
+def test_a_latency_guard_revert_keeps_what_the_conv_budget_chose_and_measured(tmp_path, monkeypatch):
+    import importlib
+
+    from gkp_onnx.bench import Timing
+
+    speedups = iter([0.8, 1.1])
+
+    def fake_bench(models, names, batches, **_):  # the guard's timings: slower first, then not
+        return [Timing("input", "cpu", 1, 1.0, 1.0, 1.0), Timing("optimized", "cpu", 1, 1.0, 1.0, next(speedups))]
+
+    monkeypatch.setattr(importlib.import_module("gkp_onnx.guard"), "bench", fake_bench)
+    model = TOPOLOGIES["residual_stream"]()
+    np.savez(tmp_path / "calib.npz", x=images(model, 16))
+    _, report = optimize(model, target_speedup=1.2, calib=str(tmp_path / "calib.npz"), min_group_width=1,
+                         bench_batches=[1], bench_repeats=3, bench_min_time_s=0.0, validate=False)
+    assert any(s.reason.startswith("reverted to dense") for s in report.plan.skipped)
+    assert report.structured_budget and report.structured_budget["target_speedup"] == 1.2
+    assert ("--target-speedup 1.2 missed" in " ".join(report.failures)) == (not report.structured_budget["met"])

@@ -339,3 +339,24 @@ def test_refit_does_not_depend_on_the_blas_thread_state():
         # the float32 weights and the float64 errors of the fit (float32 rounding can hide a change)
         runs.append(([t.SerializeToString() for t in result.model.graph.initializer], result.details))
     assert runs[0] == runs[1]
+
+
+def test_refit_runs_on_a_model_whose_if_branch_reads_outer_tensors(calib):
+    """The branch reads a main-graph tensor and a main-graph initializer that nothing else reads:
+    the partial models the refit captures activations with keep both."""
+    b = GraphBuilder()
+    y = b.op("Relu", [b.conv("x", 16)])
+    mid = b.conv(y, 16)
+    b.inits.append(numpy_helper.from_array(b.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12, "outer.w"))
+    then = helper.make_graph([helper.make_node("Conv", [y, "outer.w"], ["t"], name="branch_conv", pads=[1] * 4)],
+                             "then", [], [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Relu", [mid], ["e"], name="branch_relu")], "else", [],
+                              [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)])
+    b.inits.append(numpy_helper.from_array(np.array(True), "cond"))
+    b.nodes.append(helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then, else_branch=other))
+    b.channels["branch"] = 16
+    model = b.build(b.conv(b.op("Relu", ["branch"]), 16))
+    path, x = calib(model)
+    refit, report = optimize(model, ratio=0.5, min_group_width=1, calib=path, reconstruct=True, validate=False)
+    onnx.checker.check_model(refit, full_check=True)
+    assert report.reconstruction and run(refit, {"x": x})[0].shape == run(model, {"x": x})[0].shape

@@ -11,7 +11,8 @@ from gkp_onnx.cli import main
 from gkp_onnx.graph import input_specs, model_stats
 from gkp_onnx.passes.prune_heads import attention_blocks
 from gkp_onnx.passes.prune_neurons import ffn_regions
-from gkp_onnx.passes.structured_budget import StructuredBudget, allocate
+from gkp_onnx.budget import allocate
+from gkp_onnx.passes.structured_budget import StructuredBudget
 from gkp_onnx.plan import Plan
 from gkp_onnx.validate import Dataset, channel_covariances
 from test_prune_heads import S, attention

@@ -8,9 +8,10 @@ onnx.checker and loads in onnxruntime.
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from conftest import masked_reference, random_feed, run
-from fixtures import TOPOLOGIES
+from fixtures import TOPOLOGIES, GraphBuilder
 
 from gkp_onnx import optimize
 from gkp_onnx.cost import gathers_left
@@ -142,3 +143,36 @@ def test_shared_form_is_exact_on_every_topology(topology):
     feed = random_feed(model)
     for expected, actual in zip(run(masked_reference(model, report.plan), feed), run(optimized, feed)):
         np.testing.assert_allclose(actual, expected, **tolerance(model))
+
+
+def test_an_activation_whose_inner_tensor_is_a_graph_output_is_not_crossed():
+    """sigmoid(x) of a SiLU is also a graph output: it keeps every channel, so the SiLU is no
+    per-channel step the Gather behind it may fold through."""
+    b = GraphBuilder()
+    x = b.conv(b.op("Relu", [b.conv("x", 16)]), 16)
+    gate = b.op("Sigmoid", [x])
+    model = b.build(b.conv(b.op("Mul", [x, gate]), 16), gate)
+    optimized, report = optimize(model, ratio=0.5, groups=1, validate=False)
+    feed = random_feed(model)
+    expected, actual = run(masked_reference(model, report.plan), feed), run(optimized, feed)
+    assert [a.shape for a in actual] == [e.shape for e in expected]
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims,shape", [(3, [6, 1, 1]), (3, [1, 1, 6, 1, 1]), (1, [16, 1]), (1, [1, 16, 1])])
+def test_per_channel_constants_are_read_by_the_rank_of_the_convs_around_them(dims, shape):
+    """A [6, 1, 1] constant on a Conv3d's [N, C, D, H, W] tensor scales depth, not channels: no
+    Gather may be moved across it as if it were per channel. Conv1d's [C, 1] and [1, C, 1] are
+    per channel: the Gathers fold through them."""
+    b = GraphBuilder(size=6, dims=dims)
+    y = b.op("Relu", [b.conv("x", 16)])
+    b.inits.append(numpy_helper.from_array(np.linspace(0.5, 2.0, int(np.prod(shape))).astype(np.float32)
+                                           .reshape(shape), "scale"))
+    model = b.build(b.conv(b.op("Mul", [y, "scale"]), 16))
+    optimized, report = optimize(model, ratio=0.5, groups=1, validate=False)
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(optimized, feed)[0], run(masked_reference(model, report.plan), feed)[0],
+                               rtol=1e-5, atol=1e-5)
+    gathers = [n.input[0] for n in optimized.graph.node if n.op_type == "Gather" and n.input[0] != "x"]
+    assert (gathers == []) == (16 in shape)  # folded through per-channel scales only

@@ -41,10 +41,11 @@ def _elementwise(node, initializers) -> bool:
         and all(n not in initializers or channel_constant(n, initializers) == "broadcast" for n in node.input)
 
 
-def activation_region(node, producers, readers, initializers) -> tuple[str, list] | None:
+def activation_region(node, producers, readers, outputs, initializers) -> tuple[str, list] | None:
     """(x, nodes) when `node` ends an element-wise function of one tensor x that reads x more than
-    once, every tensor inside read only inside (x may be read elsewhere too: the walks check);
-    `nodes` starts with `node`. `readers`: tensor -> how many node inputs read it. None otherwise."""
+    once, every tensor inside read only inside and none of them in `outputs` (x may be read
+    elsewhere too: the walks check); `nodes` starts with `node`. `readers`: tensor -> how many node
+    inputs read it. None otherwise."""
     if not _elementwise(node, initializers) or sum(n not in initializers for n in node.input) < 2:
         return None
     region = [node]
@@ -52,7 +53,7 @@ def activation_region(node, producers, readers, initializers) -> tuple[str, list
         produced = {o for n in region for o in n.output}
         inside = Counter(n for member in region for n in member.input if n and n not in initializers)
         leaves = [t for t in inside if t not in produced]
-        if any(readers[t] != inside[t] for t in produced - {node.output[0]}):
+        if any(readers[t] != inside[t] or t in outputs for t in produced - {node.output[0]}):
             return None
         if len(leaves) == 1:
             return (leaves[0], region) if inside[leaves[0]] > 1 else None
@@ -64,13 +65,13 @@ def activation_region(node, producers, readers, initializers) -> tuple[str, list
     return None
 
 
-def region_below(tensor, consumers, producers, readers, initializers) -> tuple[str, list] | None:
+def region_below(tensor, consumers, producers, readers, outputs, initializers) -> tuple[str, list] | None:
     """(output, nodes) of the activation_region whose input is `tensor` and that reads every use of it."""
     node = consumers.get(tensor)
     for _ in range(MAX_REGION):
         if node is None:
             return None
-        region = activation_region(node, producers, readers, initializers)
+        region = activation_region(node, producers, readers, outputs, initializers)
         if region is not None and region[0] == tensor:
             inside = sum(name == tensor for member in region[1] for name in member.input)
             return (node.output[0], region[1]) if inside == readers[tensor] else None
@@ -106,15 +107,35 @@ def is_depthwise(node, initializers) -> bool:
         and (not bias or bias in initializers)
 
 
+def fits_rank(nodes, rank: int | None, initializers) -> bool:
+    """Whether every per-channel constant of `nodes` (Mul/Add/.. and PRelu) is laid out per channel
+    for activations of `rank` (the rank of the Conv weights around them): channel_constant reads
+    [C, 1, 1] as 4-D's layout, which on a Conv3d's 5-D tensor is a constant along depth and on a
+    Conv1d's 3-D one does not broadcast on the channel axis. None: unknown, nothing may be such."""
+    for node in nodes:
+        if (node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu") and len(node.input) > 1 \
+                and channel_constant(node.input[1], initializers) == "per_channel":
+            dims = list(initializers[node.input[1]].dims)
+            if rank is None or rank - len(dims) + channel_position(dims) != 1:  # broadcast aligns from the right
+                return False
+    return True
+
+
+def channel_position(dims: list[int]) -> int:
+    """The axis of a per-channel constant's one dimension above 1."""
+    return next(axis for axis, size in enumerate(dims) if size > 1)
+
+
 def channel_constant(name, initializers) -> str | None:
-    """'broadcast' when the constant has size 1 on the channel axis, 'per_channel' for a [C, 1, 1]
-    layout (rank <= 4, channel axis = rank - 3), None otherwise."""
+    """'broadcast' when the constant has size 1 on the channel axis, 'per_channel' for a [C, 1, ..]
+    or [1, C, 1, ..] layout (which of these is the channel axis depends on the activation's rank:
+    fits_rank), None otherwise."""
     if name not in initializers:
         return None
     dims = list(initializers[name].dims)
     if all(d == 1 for d in dims):
         return "broadcast"
-    if 3 <= len(dims) <= 4 and dims[-1] == 1 and dims[-2] == 1 and all(d == 1 for d in dims[:-3]):
+    if len(dims) >= 2 and sum(d > 1 for d in dims) == 1 and channel_position(dims) <= 1:
         return "per_channel"
     return None
 
@@ -165,14 +186,15 @@ def walk_to_producer(tensor, producers, readers, outputs, initializers):
             return None, chain
         if node.op_type == "Conv" and not is_depthwise(node, initializers):
             params = [name for name in node.input[1:] if name]
-            if any(p not in initializers or readers[p] != 1 for p in params):
+            if any(p not in initializers or readers[p] != 1 for p in params) \
+                    or not fits_rank(chain, len(initializers[node.input[1]].dims), initializers):
                 return None, chain
             return node, chain
         if gather_index(node, initializers) is not None or is_per_channel(node, initializers):
             chain.append(node)
             tensor, reads = node.input[0], 1
             continue
-        region = activation_region(node, producers, readers, initializers)
+        region = activation_region(node, producers, readers, outputs, initializers)
         if region is None:
             return None, chain
         tensor, nodes = region
@@ -187,10 +209,10 @@ def walk_to_consumer(tensor, consumers, producers, readers, outputs, initializer
     activation_region, crossed whole), none a graph output.
 
     Returns (chain, consumer): the nodes passed, nearest first, and the layer, or None."""
-    chain, flat = [], False
+    chain, flat, start = [], False, tensor
     while tensor not in outputs and tensor in consumers:
         if readers[tensor] != 1 or consumers[tensor].input[0] != tensor:
-            below = None if flat else region_below(tensor, consumers, producers, readers, initializers)
+            below = None if flat else region_below(tensor, consumers, producers, readers, outputs, initializers)
             if below is None:
                 break
             tensor, nodes = below
@@ -202,7 +224,8 @@ def walk_to_consumer(tensor, consumers, producers, readers, outputs, initializer
                 and not is_depthwise(node, initializers):
             ok = weight in initializers and readers[weight] == 1 and node_attr(node, "group", 1) == 1 \
                 and not node_attr(node, "transA", 0) and (node.op_type != "MatMul" or len(initializers[weight].dims) == 2)
-            return chain, (node if ok else None)
+            rank = len(initializers[weight].dims) if ok and not flat else _rank_above(start, producers, initializers)
+            return chain, (node if ok and fits_rank(chain, rank, initializers) else None)
         if node.op_type == "Flatten" and node_attr(node, "axis", 1) == 1 and chain \
                 and chain[-1].op_type.startswith("Global") and not flat:
             flat = True
@@ -211,6 +234,17 @@ def walk_to_consumer(tensor, consumers, producers, readers, outputs, initializer
         chain.append(node)
         tensor = node.output[0]
     return chain, None
+
+
+def _rank_above(tensor, producers, initializers) -> int | None:
+    """The rank of the Conv weight that computes `tensor` (through Gathers and per-channel ops)."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type != "Conv" and (gather_index(node, initializers) is not None
+                                                           or is_per_channel(node, initializers)):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Conv" or node.input[1] not in initializers:
+        return None
+    return len(initializers[node.input[1]].dims)
 
 
 def reduction_axis(node: onnx.NodeProto, rank: int) -> int:
@@ -319,7 +353,8 @@ def _checked(tensors, producers, readers, joined, initializers, order, outside) 
                 widths.append(weight.dims[reduction_axis(head, len(weight.dims))])
             else:
                 return None
-    if not component.producers or len(set(widths)) != 1:
+    if not component.producers or len(set(widths)) != 1 \
+            or not fits_rank(inner.values(), len(initializers[component.producers[0].input[1]].dims), initializers):
         return None
     component.channels = widths[0]
     component.inner = sorted(inner.values(), key=lambda node: order[id(node)])

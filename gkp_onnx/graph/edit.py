@@ -8,7 +8,8 @@ import onnx
 from onnx import numpy_helper
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph.channels import BINARY_PER_CHANNEL, Component, channel_constant, components, reduction_axis
+from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, Component, channel_constant, channel_position, components,
+                                     reduction_axis)
 from gkp_onnx.graph.index import initializer_map, subgraph_reads
 
 
@@ -37,7 +38,8 @@ def reindex_params(model, node, index, initializers) -> None:
         next(a for a in node.attribute if a.name == "group").i = len(index)
     elif node.op_type in BINARY_PER_CHANNEL or node.op_type == "PRelu":
         if channel_constant(node.input[1], initializers) == "per_channel":
-            replace_initializer(model, initializers, node.input[1], lambda v: np.take(v, index, axis=v.ndim - 3), node, 1)
+            axis = channel_position(list(initializers[node.input[1]].dims))
+            replace_initializer(model, initializers, node.input[1], lambda v: np.take(v, index, axis=axis), node, 1)
 
 
 def take_rows(model, node, index, initializers) -> None:
