@@ -51,8 +51,10 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
     for node in model.graph.node:
         if node.op_type == "ConvTranspose":
             weight = initializers.get(node.input[1])
+            params = sum(int(np.prod(initializers[n].dims)) for n in node.input[1:] if n in initializers)
             rows.append((node.name, node.op_type, _shape(list(weight.dims)) if weight is not None else "-",
-                         _shape(shapes.get(node.output[0])), None, 0, "-", "-", "-", "GKP: " + skipped[node.name]))
+                         _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name), params, "-", "-", "-",
+                         "GKP: " + skipped[node.name]))
         if node.op_type not in MAC_OPS:
             continue
         ref = find_weight(node, producers, initializers)

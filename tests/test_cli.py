@@ -149,6 +149,15 @@ def test_console_script_exit_code_and_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"gkp-onnx: error: no such file: {tmp_path / 'missing.onnx'}"]
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(model_path):
+    """`gkp-onnx inspect m.onnx | head`: no traceback, no internal error; exit 141 as for SIGPIPE."""
+    process = subprocess.Popen([sys.executable, "-m", "gkp_onnx.cli", "inspect", str(model_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    error = process.stderr.read()
+    assert process.wait() == 141 and error == b""
+
+
 def test_channel_multiple_takes_auto_or_a_positive_integer(model_path, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     for value in ("auto", "16", "1"):

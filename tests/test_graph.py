@@ -128,3 +128,12 @@ def test_shape_inference_writes_nothing_where_it_runs(tmp_path, monkeypatch):
     stats = model_stats(model, input_specs(model, {"x": [1, 4, 32]}))
     assert list(tmp_path.iterdir()) == []
     assert stats.node_macs == {"projection": None}  # after the unknown op nothing can know the shape
+
+
+def test_conv_transpose_macs_are_counted():
+    """A U-Net's ConvTranspose: every input pixel meets the Cout/group x kernel weights of its channel."""
+    model = TOPOLOGIES["conv_transpose"]()
+    stats = model_stats(model, input_specs(model, {}))
+    node = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    assert stats.node_macs[node.name] == 16 * 5 * 5 * 8 * 2 * 2  # input [1, 16, 5, 5], weight [16, 8, 2, 2]
+    assert stats.macs == sum(stats.node_macs.values())

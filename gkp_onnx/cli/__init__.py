@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -50,13 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
         onnxruntime.set_default_logger_severity(4)  # its warnings and errors: gkp-onnx says what failed, in one line
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a pipe's buffer is written here, where a closed reader is caught below
+        return code
     except GkpError as exc:
         print(f"gkp-onnx: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gkp-onnx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read stdout stopped (`| head`): nothing more to say to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:
         if args.debug:
             raise

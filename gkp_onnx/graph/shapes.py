@@ -195,10 +195,13 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
-    """Multiply-accumulates of one Conv/Gemm/MatMul node, None when shapes are unknown."""
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node, None when shapes are unknown."""
     out = shapes.get(node.output[0])
     if out is None:
         return None
+    if node.op_type == "ConvTranspose":  # every input pixel meets every weight of its group
+        x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+        return None if x is None or weight is None else int(np.prod(x) * np.prod(weight[1:]))
     if node.op_type == "Conv":
         weight = shapes.get(node.input[1])
         return None if weight is None else int(np.prod(out) * np.prod(weight[1:]))
@@ -217,7 +220,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
 @dataclass
 class ModelStats:
     params: int  # elements of floating-point initializers
-    macs: int  # Conv + Gemm + MatMul, per the given input shapes
+    macs: int  # Conv + ConvTranspose + Gemm + MatMul, per the given input shapes
     op_counts: Counter
     node_macs: dict[str, int | None]
 
@@ -229,7 +232,7 @@ def model_stats(model: onnx.ModelProto, specs: list[InputSpec], shapes: dict | N
     shapes = shapes if shapes is not None else infer_shapes(model, specs)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer
                  if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
-    per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
+    per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS + ("ConvTranspose",)}
     return ModelStats(params=params, macs=sum(m or 0 for m in per_node.values()),
                       op_counts=Counter(n.op_type for n in model.graph.node), node_macs=per_node)
 
