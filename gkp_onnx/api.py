@@ -52,6 +52,7 @@ from gkp_onnx.validate import (HOLDOUT_MIN, RANDOM_BATCH, Dataset, channel_covar
                                data_shapes, load_dataset, make_session, random_dataset, run_model)
 
 log = logging.getLogger(__name__)
+REFIT_CHECK_ROWS = 256  # --reconstruct: samples the refit model is compared with the one-shot one on
 BUDGET_REFIT_ROWS = 256  # --target-speedup on Convs with --reconstruct: samples each level's model is refit on
 HEAD_CHECK_ROWS = 2  # samples each pruned attention block is checked on against the masked dense model
 
@@ -162,13 +163,18 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
         optimized, plan = _budget_convs(pipeline, opts, specs, patterns, working, given, data, details, analysis)
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
+    if opts.reconstruct and data is not None and plan.layers:  # never below the one-shot model
+        one_shot = build_pipeline(replace(opts, reconstruct=False), specs, patterns, working, data)
+        plain = _refit_or_one_shot(optimized, plan, one_shot, working, given, data, details)
+        if plain is not None:
+            optimized, pipeline = plain, one_shot  # rebuilds (the latency guard) leave the refit out too
     timings["optimize"] = time.perf_counter() - start
     structured = opts.ffn_ratio or opts.head_ratio or (opts.target_speedup and not conv_target)
     if structured:
         start = time.perf_counter()
         optimized = _prune_transformer(optimized, opts, patterns, data, working, details, specs, analysis=analysis)
         timings["prune_transformer"] = time.perf_counter() - start
-    chosen = {key: details[key] for key in ("allocation", "structured_budget") if key in details}  # rebuilds keep it
+    chosen = {key: details[key] for key in ("allocation", "structured_budget", "notes") if key in details}  # rebuilds keep it
     nm_result = None
     check = held or data or random_dataset(specs, opts.seed, batch=RANDOM_BATCH if _dynamic_batch(given) else None) \
         if opts.validate or _nm_budget(opts) else None  # what fidelity is measured on
@@ -257,6 +263,26 @@ def _cost_model(opts: OptimizeOptions) -> CostModel:
         return opts.cost_model
     return MeasuredCost(provider=opts.bench_providers[0], threads=opts.bench_threads,
                         batch=opts.bench_batches[0] if opts.bench_batches else 1)
+
+
+def _refit_or_one_shot(refit: onnx.ModelProto, plan: Plan, one_shot: Pipeline, working: onnx.ModelProto,
+                       given: onnx.ModelProto, data: Dataset, details: dict) -> onnx.ModelProto | None:
+    """None when the refit model is at least as close to the input's outputs on the calibration
+    data as the one-shot one (`one_shot`: the pipeline without the refit; top-1 agreement for
+    classifiers, then the lowest cosine), else the one-shot model, with a note. The per-layer least
+    squares never raise a layer's error, but layers refit one after another can still add up worse."""
+    sample = data.first(min(len(data), REFIT_CHECK_ROWS))
+    plain, _ = one_shot.run(working, plan, {}, replay=True)
+    measured = [compare(given, model, sample) for model in (refit, plain)]
+    scores = [(m.top1_agreement if m.top1_agreement is not None else 1.0, m.min_cosine) for m in measured]
+    if scores[0] >= scores[1]:
+        return None
+    (top1, cosine), (plain_top1, plain_cosine) = scores
+    agreement = f"top-1 agreement {top1:.4f} vs {plain_top1:.4f}, " if measured[0].top1_agreement is not None else ""
+    details.setdefault("notes", []).append(
+        f"--reconstruct left the outputs further from the input's on the calibration data ({agreement}cosine "
+        f"{cosine:.4f} vs {plain_cosine:.4f} one-shot): the one-shot model is kept")
+    return plain
 
 
 def _transformer(model: onnx.ModelProto, patterns: list[re.Pattern], analyze: list[Pass]) -> bool:
@@ -363,11 +389,13 @@ def _prune_transformer(model: onnx.ModelProto, opts: OptimizeOptions, patterns: 
     details["neurons"], details["heads"] = found.get("neurons", []), found.get("heads", [])
     details["heads_skipped"] = found.get("heads_skipped", [])
     details["totals"] = {"heads": found.get("heads_total", 0), "neurons": found.get("neurons_total", 0)}
-    details["notes"] = ([f"--head-ratio {opts.head_ratio:g}: the model has no attention block whose heads can be "
-                         f"removed"] if opts.head_ratio and not details["heads"] and not details["heads_skipped"]
-                        else []) \
-        + ([f"--ffn-ratio {opts.ffn_ratio:g}: the model has no feed-forward block whose neurons can be removed"]
-           if opts.ffn_ratio and not details["totals"]["neurons"] else [])
+    notes = details.setdefault("notes", [])  # the rebuilds of the latency guard say them once
+    for note in ([f"--head-ratio {opts.head_ratio:g}: the model has no attention block whose heads can be removed"]
+                 if opts.head_ratio and not details["heads"] and not details["heads_skipped"] else []) \
+            + ([f"--ffn-ratio {opts.ffn_ratio:g}: the model has no feed-forward block whose neurons can be removed"]
+               if opts.ffn_ratio and not details["totals"]["neurons"] else []):
+        if note not in notes:
+            notes.append(note)
     details["neuron_orders"] = {**found.get("output_orders", {}), **found.get("head_orders", {})}
     layers = [name for region in details["neurons"] for name in region["consumers"]] \
         + [block["output"] for block in details["heads"]]

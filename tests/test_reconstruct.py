@@ -360,3 +360,28 @@ def test_refit_runs_on_a_model_whose_if_branch_reads_outer_tensors(calib):
     refit, report = optimize(model, ratio=0.5, min_group_width=1, calib=path, reconstruct=True, validate=False)
     onnx.checker.check_model(refit, full_check=True)
     assert report.reconstruction and run(refit, {"x": x})[0].shape == run(model, {"x": x})[0].shape
+
+
+def test_a_refit_that_ends_below_the_one_shot_model_is_not_kept(calib, monkeypatch):
+    """Layers refit one after another can add up worse than none (issue: a Concat-heavy SqueezeNet
+    fell from 1/300 to 0/300): the one-shot model is returned then, and the report says why."""
+    import gkp_onnx.api as api
+
+    class Harmful(api.Reconstruct):  # a refit that makes every grouped Conv's output worse
+        def call(self, model, plan):
+            result = super().call(model, plan)
+            for init in result.model.graph.initializer:
+                if init.name.endswith("_gkp") and len(init.dims) == 4:
+                    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+            return result
+
+    model = TOPOLOGIES["classifier"]()
+    path, x = calib(model)
+    plain, _ = optimize(model, ratio=0.5, groups=2, min_group_width=1, validate=False)
+    monkeypatch.setattr(api, "Reconstruct", Harmful)
+    kept, report = optimize(model, ratio=0.5, groups=2, min_group_width=1, calib=path, reconstruct=True)
+    assert any("the one-shot model is kept" in note for note in report.notes)
+    np.testing.assert_allclose(run(kept, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    refit, report = optimize(model, ratio=0.5, groups=2, min_group_width=1, calib=path, reconstruct=True)
+    assert not any("one-shot" in note for note in report.notes)
