@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from gkp_onnx.errors import GkpError
-from gkp_onnx.graph import initializer_map
+from gkp_onnx.graph import explicit_pads, initializer_map, last_axis_first
 
 # Initializers these ops read as learnable weights (input positions); everything else (shape
 # constants, indices, scalars, BN running statistics) stays a fixed buffer.
@@ -186,26 +186,10 @@ def _arg_or_attr(attrs, name, tensor):
 def _pads(attrs, x, kernel, strides, dilations):
     """ONNX pads [b1..bn, e1..en] after auto_pad, as (symmetric padding or None, explicit F.pad list)."""
     n = len(kernel)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else large)
-            end.append(large if auto == "SAME_UPPER" else small)
-        pads = begin + end
-    elif auto == "VALID":
-        pads = [0] * (2 * n)
-    else:
-        pads = list(attrs.get("pads", [0] * (2 * n)))
+    pads = explicit_pads({**attrs, "strides": strides, "dilations": dilations}, list(x.shape[2:]), kernel)
     if pads[:n] == pads[n:]:
         return pads[:n], x
-    explicit = []
-    for axis in reversed(range(n)):
-        explicit += [pads[axis], pads[axis + n]]
-    return [0] * n, explicit
+    return [0] * n, last_axis_first(pads)
 
 
 def _conv(g, attrs, x, w, b=None):

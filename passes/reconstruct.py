@@ -32,7 +32,8 @@ import onnx
 from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
-from gkp_onnx.graph import GATHER_IN, initializer_map, marked, node_attr, output_bias, permuted, pinned, subgraph_reads
+from gkp_onnx.graph import (GATHER_IN, explicit_pads, initializer_map, last_axis_first, marked, node_attr, output_bias,
+                            permuted, pinned, subgraph_reads)
 from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
@@ -47,25 +48,6 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def explicit_pads(attrs: dict, in_size: tuple[int, ...], kernel: list[int]) -> list[int]:
-    """A Conv's padding in ONNX's layout [x1_begin, x2_begin, .., x1_end, x2_end], auto_pad resolved
-    (any number of spatial dimensions)."""
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    dims = len(kernel)
-    if auto in ("NOTSET", ""):
-        return list(attrs.get("pads", [0] * 2 * dims))
-    if auto == "VALID":
-        return [0] * 2 * dims
-    strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
-    pads = []
-    for size, k, s, d in zip(in_size, kernel, strides, dilations):
-        out = -(-size // s)
-        pads.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
-    begin = [p // 2 if auto == "SAME_UPPER" else p - p // 2 for p in pads]
-    return begin + [p - b for p, b in zip(pads, begin)]
-
-
 def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
     """im2col in float32: [N, C*k, L] with k the kernel positions (channel-major, as Conv weights
     are laid out; Conv1d, 2d or 3d). The Gram products are summed per batch in float32 and
@@ -74,10 +56,8 @@ def patches(x: np.ndarray, attrs: dict, kernel: list[int]) -> torch.Tensor:
     import torch.nn.functional as F
 
     dims = len(kernel)
-    pads = explicit_pads(attrs, x.shape[2:], kernel)
     strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
-    padding = [p for axis in reversed(range(dims)) for p in (pads[axis], pads[dims + axis])]  # F.pad: last axis first
-    tensor = F.pad(torch.from_numpy(x.astype(np.float32)), padding)
+    tensor = F.pad(torch.from_numpy(x.astype(np.float32)), last_axis_first(explicit_pads(attrs, x.shape[2:], kernel)))
     if dims == 2:
         return F.unfold(tensor, kernel, dilation=dilations, stride=strides)
     out = [(size - (k - 1) * d - 1) // s + 1 for size, k, s, d in zip(tensor.shape[2:], kernel, strides, dilations)]

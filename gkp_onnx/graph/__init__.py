@@ -15,7 +15,7 @@ from gkp_onnx.graph.edit import (drop_unread, initializers_as_inputs, permuted, 
                                  replace_initializer, take_rows)
 from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
                                   marked, node_attr, output_bias, pinned, reader_lists, subgraph_reads)
-from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, assumed_note, fold_constants, graph_inputs,
-                                   infer_shapes, input_specs, model_stats, node_macs)
+from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, assumed_note, explicit_pads, fold_constants,
+                                   graph_inputs, infer_shapes, input_specs, last_axis_first, model_stats, node_macs)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -194,6 +194,31 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         return gs.export_onnx(graph, do_type_check=False)
 
 
+def explicit_pads(attrs: dict, in_size: tuple[int, ...], kernel: list[int]) -> list[int]:
+    """A Conv's or pool's padding in ONNX's layout [x1_begin, x2_begin, .., x1_end, x2_end], auto_pad
+    resolved (any number of spatial dimensions; `in_size`: the input's spatial sizes)."""
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    dims = len(kernel)
+    if auto in ("NOTSET", ""):
+        return list(attrs.get("pads", [0] * 2 * dims))
+    if auto == "VALID":
+        return [0] * 2 * dims
+    strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
+    pads = []
+    for size, k, s, d in zip(in_size, kernel, strides, dilations):
+        out = -(-size // s)
+        pads.append(max(0, (out - 1) * s + (k - 1) * d + 1 - size))
+    begin = [p // 2 if auto == "SAME_UPPER" else p - p // 2 for p in pads]
+    return begin + [p - b for p, b in zip(pads, begin)]
+
+
+def last_axis_first(pads: list[int]) -> list[int]:
+    """ONNX pads [x1_begin, .., xn_begin, x1_end, .., xn_end] in torch's F.pad order (last axis first)."""
+    n = len(pads) // 2
+    return [p for axis in reversed(range(n)) for p in (pads[axis], pads[n + axis])]
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
     """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node, None when shapes are unknown."""
     out = shapes.get(node.output[0])
