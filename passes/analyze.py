@@ -29,7 +29,7 @@ import re
 import onnx
 
 from gkp_onnx.graph import (SHORTCUT_CONV, InputSpec, graph_index, graph_inputs, infer_shapes, initializer_map,
-                            marked, node_attr, node_macs, walk_to_consumer, walk_to_producer)
+                            marked, node_attr, node_macs, subgraphs, walk_to_consumer, walk_to_producer)
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
 from gkp_onnx.plan import LayerPlan, Plan, SkippedLayer
 
@@ -42,13 +42,12 @@ def _subgraph_convs(graph: onnx.GraphProto) -> list[SkippedLayer]:
     rewritten (what the subgraphs read from it is left as it is: graph.pinned)."""
     found = []
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                where = f"inside the '{attr.name}' subgraph of {node.op_type} '{node.name}'"
-                found += [SkippedLayer(f"{node.name}/{attr.name}/{inner.name or f'{inner.op_type}_{i}'}", inner.op_type,
-                                       f"{where}: only the main graph is rewritten")
-                          for i, inner in enumerate(sub.node) if inner.op_type in ("Conv", "ConvTranspose")]
-                found += _subgraph_convs(sub)
+        for name, sub in subgraphs(node):
+            where = f"inside the '{name}' subgraph of {node.op_type} '{node.name}'"
+            found += [SkippedLayer(f"{node.name}/{name}/{inner.name or f'{inner.op_type}_{i}'}", inner.op_type,
+                                   f"{where}: only the main graph is rewritten")
+                      for i, inner in enumerate(sub.node) if inner.op_type in ("Conv", "ConvTranspose")]
+            found += _subgraph_convs(sub)
     return found
 
 

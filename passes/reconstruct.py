@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
 from gkp_onnx.graph import (GATHER_IN, explicit_pads, initializer_map, last_axis_first, marked, node_attr, output_bias,
-                            permuted, pinned, subgraph_reads)
+                            outer_reads, permuted, pinned)
 from gkp_onnx.nm import sparsegpt_nm
 from gkp_onnx.optional import require_torch
 from gkp_onnx.pipeline import Pass, PassContractError, PassResult
@@ -486,11 +486,11 @@ def _up_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
         if node is not None and node.name not in needed:
             needed.add(node.name)
             todo.extend(node.input)
-            todo.extend(subgraph_reads(onnx.GraphProto(node=[node])))  # what its If / Loop bodies read
+            todo.extend(outer_reads([node]))  # what its If / Loop bodies read
     part = onnx.ModelProto()
     part.CopyFrom(model)
     keep = [node for node in model.graph.node if node.name in needed]
-    read = {name for node in keep for name in node.input} | subgraph_reads(onnx.GraphProto(node=keep))
+    read = {name for node in keep for name in node.input} | outer_reads(keep)
     del part.graph.node[:], part.graph.output[:], part.graph.value_info[:]
     part.graph.node.extend(keep)
     part.graph.output.append(onnx.ValueInfoProto(name=tensor))

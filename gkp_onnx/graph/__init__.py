@@ -14,7 +14,8 @@ from gkp_onnx.graph.channels import (BINARY_PER_CHANNEL, GLOBAL_POOLS, POOLS, UN
 from gkp_onnx.graph.edit import (drop_unread, initializers_as_inputs, permuted, reindex_params, reorder,
                                  replace_initializer, take_rows)
 from gkp_onnx.graph.index import (GATHER_IN, SHORTCUT_CONV, GraphIndex, clear_marks, ensure_node_names, graph_index, initializer_map, mark,
-                                  marked, node_attr, output_bias, pinned, reader_lists, subgraph_reads)
+                                  marked, node_attr, outer_reads, output_bias, pinned, reader_lists,
+                                  subgraph_reads, subgraphs)
 from gkp_onnx.graph.shapes import (MAC_OPS, InputSpec, ModelStats, assumed_note, explicit_pads, fold_constants,
                                    graph_inputs, infer_shapes, input_specs, last_axis_first, model_stats, node_macs)
 

@@ -4,7 +4,7 @@ marks gkp-onnx leaves on nodes (in `metadata_props`, never in names)."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -27,19 +27,29 @@ def graph_index(graph: onnx.GraphProto) -> GraphIndex:
                       {o.name for o in graph.output} | inner)
 
 
-def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """The names that subgraphs (If branches, Loop and Scan bodies, at any depth) read from the
-    scope around them: a rewrite must leave those tensors as they are, like graph outputs."""
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) of each subgraph of `node`: If branches, Loop and Scan bodies."""
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            yield attr.name, sub
+
+
+def outer_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """The names that the subgraphs of `nodes` (at any depth) read from the scope around them."""
     names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                defined = ({i.name for i in sub.input} | {t.name for t in sub.initializer}
-                           | {o for n in sub.node for o in n.output})
-                read = {name for n in sub.node for name in n.input} | {o.name for o in sub.output}
-                names |= {name for name in read | subgraph_reads(sub) if name and name not in defined}
+    for node in nodes:
+        for _, sub in subgraphs(node):
+            defined = ({i.name for i in sub.input} | {t.name for t in sub.initializer}
+                       | {o for n in sub.node for o in n.output})
+            read = {name for n in sub.node for name in n.input} | {o.name for o in sub.output}
+            names |= {name for name in read | outer_reads(sub.node) if name and name not in defined}
     return names
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """What the graph's subgraphs read from it: a rewrite must leave those tensors as they are,
+    like graph outputs."""
+    return outer_reads(graph.node)
 
 
 def pinned(graph: onnx.GraphProto) -> set[str]:
