@@ -94,10 +94,7 @@ class FoldGathers(Pass):
         take_rows(model, top, indices[-1], initializers)
         # rewire: drop the Gathers strictly inside the chain, then the folded Gather itself
         for node in [n for n in chain if n.op_type == "Gather"]:
-            for reader in model.graph.node:
-                for slot, name in enumerate(reader.input):
-                    if name == node.output[0]:
-                        reader.input[slot] = node.input[0]
+            _reread(model.graph, node.output[0], node.input[0])
             model.graph.node.remove(node)
         _bypass(model, gather, chain[0] if chain else top)
         drop_unread(model)
@@ -120,8 +117,7 @@ class FoldGathers(Pass):
                 reindex_params(model, node, inverse, initializers)
             axis = reduction_axis(consumer, len(initializers[consumer.input[1]].dims))  # the input-channel axis
             replace_initializer(model, initializers, consumer.input[1], lambda v: np.take(v, inverse, axis=axis), consumer, 1)
-            for reader in graph.node:  # the first node below, or an activation's every read of it
-                reader.input[:] = [gather.input[0] if name == gather.output[0] else name for name in reader.input]
+            _reread(graph, gather.output[0], gather.input[0])  # the first node below, or an activation's every read
             graph.node.remove(gather)
             drop_unread(model)
             return True
@@ -156,6 +152,14 @@ def shrink_grouped(needed: np.ndarray, out_channels: int, group: int):
     keep = np.concatenate([np.resize(w if len(w) else [g * width], size) for g, w in enumerate(wanted)])
     position = {int(c): g * size + k for g, w in enumerate(wanted) for k, c in enumerate(w)}
     return keep, np.array([position[int(c)] for c in needed], dtype=np.int64)
+
+
+def _reread(graph, old: str, new: str) -> None:
+    """Every node that reads `old` reads `new` instead."""
+    for reader in graph.node:
+        for slot, name in enumerate(reader.input):
+            if name == old:
+                reader.input[slot] = new
 
 
 def _bypass(model, gather, last) -> None:
