@@ -250,10 +250,22 @@ def batches(session: ort.InferenceSession, data: Dataset, batch: int = RUN_BATCH
         yield _feed(session, data, rows, sequence)
 
 
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size the model's first input fixes; None when it is dynamic."""
+    shape = session.get_inputs()[0].shape
+    fixed = shape[0] if shape else None
+    return fixed if isinstance(fixed, int) and fixed > 0 else None
+
+
+def whole_batches(session: ort.InferenceSession, rows: int) -> int:
+    """`rows` rounded down to whole batches where the model fixes its batch size (at least one)."""
+    step = fixed_batch(session) or 1
+    return max(step, rows // step * step)
+
+
 def _batch_rows(session: ort.InferenceSession, data: Dataset, batch: int, sequence: str | None) -> list[np.ndarray]:
-    fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
     batch = min(batch, CUT_BATCH) if sequence is not None else batch
-    step = fixed if isinstance(fixed, int) and fixed > 0 else batch
+    step = fixed_batch(session) or batch
     if len(data) % step and step != batch:
         raise GkpError(f"the model's batch size is fixed at {step}; the data's {len(data)} samples "
                        f"are not a multiple of it")

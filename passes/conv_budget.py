@@ -32,7 +32,7 @@ from gkp_onnx.graph import initializer_map, initializers_as_inputs
 from gkp_onnx.budget import measured_rounds
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
-from gkp_onnx.validate import Dataset, make_session, run_model
+from gkp_onnx.validate import Dataset, make_session, run_model, whole_batches
 
 RATIO_LEVELS = (0.25, 0.375, 0.5, 0.625, 0.75)
 SAMPLES = 128
@@ -131,10 +131,8 @@ class ConvBudget(Pass):
             biases = {layer.node: nodes[layer.node].input[2] for layer in plan.layers}
             weights = [layer.weight for layer in plan.layers] + list(biases.values())
             session = make_session(initializers_as_inputs(decided, weights))
-            fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-            step = fixed if isinstance(fixed, int) and fixed > 0 else 1
             wanted = int(min(SAMPLES, max(8, SAMPLE_MACS / max(self.total_macs, 1))))
-            sample = self.data.first(max(step, wanted // step * step))
+            sample = self.data.first(whole_batches(session, wanted))
             dense = {name: numpy_helper.to_array(initializers[name]) for name in weights}
             reference = run_model(session, sample, dense)
             for layer in plan.layers:

@@ -31,7 +31,7 @@ from gkp_onnx.graph import initializer_map, initializers_as_inputs
 from gkp_onnx.nm import NmResult, tensorrt_sparse_likely
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
-from gkp_onnx.validate import Dataset, fidelity, make_session, run_model
+from gkp_onnx.validate import Dataset, fidelity, make_session, run_model, whole_batches
 
 SENSITIVITY_SAMPLES = 64
 # weights fed as inputs run other kernels than weights in initializers: float32 rounding differs by
@@ -60,10 +60,8 @@ class NmBudget(Pass):
         sparse = {layer.weight: numpy_helper.to_array(initializers[layer.weight]) for layer in layers}
         session = make_session(initializers_as_inputs(model, sparse))
         names = [o.name for o in session.get_outputs()]
-        fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-        step = fixed if isinstance(fixed, int) and fixed > 0 else 1  # a fixed batch takes whole batches
-        count = max(step, SENSITIVITY_SAMPLES // step * step)
-        sample = Dataset({k: v[:count] for k, v in self.data.inputs.items()}, source=self.data.source)
+        count = whole_batches(session, SENSITIVITY_SAMPLES)
+        sample = self.data.first(count)
         sample_reference = [out[:count] for out in self.reference]
 
         def cosine(weights: dict[str, np.ndarray], data: Dataset = self.data, reference=self.reference) -> float:

@@ -31,7 +31,7 @@ from gkp_onnx.graph import initializer_map, initializers_as_inputs, output_bias,
 from gkp_onnx.pipeline import Pass, PassResult
 from gkp_onnx.plan import Plan
 from gkp_onnx.structured import kept_neurons, kept_units, obs_path
-from gkp_onnx.validate import Dataset, fidelity, make_session, output_kinds, run_model
+from gkp_onnx.validate import Dataset, fidelity, make_session, output_kinds, run_model, whole_batches
 
 HEAD_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.25)  # shares of a block's key/value groups an allocation may keep
 NEURON_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # shares of a block's neurons
@@ -81,9 +81,7 @@ class StructuredBudget(Pass):
                           for name in (node.input[1], output_bias(model, node, initializers)) if name})
         session = make_session(initializers_as_inputs(model, weights))
         names = [o.name for o in session.get_outputs()]
-        fixed = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-        step = fixed if isinstance(fixed, int) and fixed > 0 else 1
-        sample = self.data.first(max(step, SAMPLES // step * step))
+        sample = self.data.first(whole_batches(session, SAMPLES))
         dense = {name: numpy_helper.to_array(initializers[name]) for name in weights}
         reference = run_model(session, sample, dense)
         kinds = output_kinds(model)  # a sentence embedding's damage: its pooled cosine
