@@ -72,12 +72,19 @@ class Pipeline:
         the optimized model; what the passes find beyond the plan goes into `details`."""
         if replay:
             return run_passes(self.finish, model, plan, details)
+        _, plan = self.decisions(model, plan)
+        if not plan.layers or not self.decide:
+            return model, plan
+        return run_passes(self.finish, model, plan, details)
+
+    def decisions(self, model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, Plan]:
+        """Analyze `model` and decide each layer's form: (the model the decisions were made on, which
+        partition_streams may have reordered; the plan). Nothing is built."""
         run_passes(self.analyze, model, plan)
         if not plan.layers or not self.decide:
             return model, plan
-        analysed, plan = run_passes(self.partition, model, plan)  # decisions on the reordered model
-        _, plan = run_passes(self.decide, analysed, plan)
-        return run_passes(self.finish, model, plan, details)
+        analysed, plan = run_passes(self.partition, model, plan)
+        return analysed, run_passes(self.decide, analysed, plan)[1]
 
 
 def build_pipeline(opts: OptimizeOptions, specs: list[InputSpec], patterns: list[re.Pattern] = (),
@@ -156,15 +163,16 @@ def _optimize(model: onnx.ModelProto | str | os.PathLike, opts: OptimizeOptions,
 
     start = time.perf_counter()
     pipeline = build_pipeline(opts, specs, patterns, working, data)
+    one_shot = build_pipeline(replace(opts, reconstruct=False), specs, patterns, working, data) \
+        if opts.reconstruct else pipeline  # the same passes without the refit
     conv_target = bool(opts.target_speedup) and opts.gkp and not _transformer(working, patterns, pipeline.analyze)
     if opts.plan:
         optimized, plan = _replay(pipeline, working, Plan.load(opts.plan), details)
     elif conv_target:
-        optimized, plan = _budget_convs(pipeline, opts, specs, patterns, working, given, data, details, analysis)
+        optimized, plan = _budget_convs(pipeline, one_shot, opts, specs, working, given, data, details, analysis)
     else:
         optimized, plan = pipeline.run(working, Plan(ratio=opts.ratio, method=opts.method, seed=opts.seed), details)
     if opts.reconstruct and data is not None and plan.layers:  # never below the one-shot model
-        one_shot = build_pipeline(replace(opts, reconstruct=False), specs, patterns, working, data)
         plain = _refit_or_one_shot(optimized, plan, one_shot, working, given, data, details)
         if plain is not None:
             optimized, pipeline = plain, one_shot  # rebuilds (the latency guard) leave the refit out too
@@ -297,22 +305,16 @@ def _transformer(model: onnx.ModelProto, patterns: list[re.Pattern], analyze: li
     return not probe.layers
 
 
-def _budget_convs(pipeline: Pipeline, opts: OptimizeOptions, specs: list[InputSpec], patterns: list[re.Pattern],
+def _budget_convs(pipeline: Pipeline, fast: Pipeline, opts: OptimizeOptions, specs: list[InputSpec],
                   working: onnx.ModelProto, given: onnx.ModelProto, data: Dataset, details: dict, analysis: dict
                   ) -> tuple[onnx.ModelProto, Plan]:
     """--target-speedup on Convs: the ratio of every prunable Conv from passes/conv_budget.py (the
     damage of each layer at each level on --calib, allocations timed against the input), then the
-    model built with them."""
-    fast = build_pipeline(replace(opts, reconstruct=False), specs, patterns, working, data)  # timing: no refit
+    model built with them (`fast`: the pipeline without the refit, for the decisions and timings)."""
 
     def decide(ratio: float) -> tuple[onnx.ModelProto, Plan, dict]:
-        plan = Plan(ratio=ratio, method=opts.method, seed=opts.seed)
-        run_passes(fast.analyze, working, plan)
-        if not plan.layers:
-            return working, plan, {}
-        analysed, plan = run_passes(fast.partition, working, plan)
-        _, plan = run_passes(fast.decide, analysed, plan)
-        if not opts.reconstruct:
+        analysed, plan = fast.decisions(working, Plan(ratio=ratio, method=opts.method, seed=opts.seed))
+        if not plan.layers or not opts.reconstruct:
             return analysed, plan, {}
         refit, _ = run_passes([PermuteStreams(), RewriteConv(), Reconstruct(working, data.first(BUDGET_REFIT_ROWS))],
                               working, plan, {})  # each level's model refit as the final one will be
