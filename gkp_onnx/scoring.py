@@ -29,7 +29,6 @@ The constants are TMI-GKP's published ResNet-56 setting (m = 20% of the kept set
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import replace
 
 import numpy as np
@@ -47,7 +46,7 @@ SR_BEAM = 8
 
 def max_retained_importance(weight: np.ndarray, kept_per_filter: int) -> float:
     """Upper bound of R(G) for any grouping: every filter keeps its n strongest kernels."""
-    energy = (weight.astype(np.float64) ** 2).reshape(*weight.shape[:2], -1).sum(axis=2)
+    energy = kernel_energy(weight)
     total = energy.sum()
     return 1.0 if total == 0 else float(-np.sort(-energy, axis=1)[:, :kept_per_filter].sum() / total)
 
@@ -71,9 +70,14 @@ def block_sums(energy: np.ndarray, labels: np.ndarray, blocks: int) -> np.ndarra
     return energy @ np.eye(blocks)[labels]
 
 
+def kernel_energy(weight: np.ndarray) -> np.ndarray:
+    """[Co, Ci] kernel energies sum(W^2) over the kernel (any number of kernel dimensions)."""
+    return (weight.astype(np.float64) ** 2).reshape(*weight.shape[:2], -1).sum(axis=2)
+
+
 def energy(weight: np.ndarray) -> np.ndarray:
     """[Co, Ci] kernel energies sum(W^2) over the kernel, normalised to sum 1."""
-    e = (weight.astype(np.float64) ** 2).reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2)
+    e = kernel_energy(weight)
     total = e.sum()
     return e / total if total > 0 else e
 
@@ -246,7 +250,7 @@ def keep_top(scores: np.ndarray, n: int) -> list[list[int]]:
 
 def retained_importance(weight: np.ndarray, groups: list[list[int]], kept: list[list[int]]) -> float:
     """Share of the layer's weight energy sum(W^2) held by the kept grouped kernels."""
-    energy = (weight.astype(np.float64) ** 2).reshape(*weight.shape[:2], -1).sum(axis=2)  # [Co, Ci]
+    energy = kernel_energy(weight)
     total = energy.sum()
     if total == 0:
         return 1.0
