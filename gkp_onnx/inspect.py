@@ -1,6 +1,6 @@
 """`gkp-onnx inspect`: what the model holds and what the passes could change, layer by layer.
 
-Per Conv/Gemm/MatMul: weight and output shapes, MACs, params, the reduction axis N:M sparsity
+Per Conv/ConvTranspose/Gemm/MatMul: weight and output shapes, MACs, params, the reduction axis N:M sparsity
 uses, whether the weight already satisfies N:M, whether TensorRT is likely to run it on sparse
 tensor cores, and whether GKP can prune it (or why not).
 
@@ -49,15 +49,9 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
     rows = []
     top = {node.name for node in model.graph.node}
     for node in model.graph.node:
-        if node.op_type == "ConvTranspose":
-            weight = initializers.get(node.input[1])
-            params = sum(int(np.prod(initializers[n].dims)) for n in node.input[1:] if n in initializers)
-            rows.append((node.name, node.op_type, _shape(list(weight.dims)) if weight is not None else "-",
-                         _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name), params, "-", "-", "-",
-                         "GKP: " + skipped[node.name]))
         if node.op_type not in MAC_OPS:
             continue
-        ref = find_weight(node, producers, initializers)
+        ref = find_weight(node, producers, initializers) if node.op_type != "ConvTranspose" else None  # no N:M
         params = sum(int(np.prod(initializers[name].dims)) for name in node.input[1:] if name in initializers)
         if node.name in prunable:
             status = "GKP: prunable"
@@ -72,6 +66,8 @@ def inspect_model(path: str, input_shapes: dict[str, list[int]] | None = None, i
             nm_ok = satisfies_nm(values, ref.axis, n, m) and ref.zero_point is None
             is_nm, trt = ("yes" if nm_ok else "no"), ("yes" if tensorrt_sparse_likely(
                 list(values.shape), ref.axis, nm_ok, n, m) else "no")
+        elif ref is None and node.input[1] in initializers:
+            weight = _shape(list(initializers[node.input[1]].dims))
         rows.append((node.name, node.op_type, weight, _shape(shapes.get(node.output[0])), stats.node_macs.get(node.name),
                      params, axis, is_nm, trt, status))
 

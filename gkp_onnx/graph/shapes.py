@@ -20,7 +20,7 @@ from gkp_onnx.graph.canonical import silenced
 from gkp_onnx.graph.edit import initializers_as_inputs
 from gkp_onnx.graph.index import node_attr
 
-MAC_OPS = ("Conv", "Gemm", "MatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 # Dynamic dims other than the batch take these sizes unless --input-shape (or the calibration
@@ -115,7 +115,7 @@ def assumed_note(spec: InputSpec) -> str:
 
 def infer_shapes(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, list[int]]:
     """Static shape of every tensor onnx can infer for the given concrete inputs (and, where it
-    leaves a Conv/Gemm/MatMul without one, what onnxruntime's symbolic shape inference finds)."""
+    leaves a Conv/ConvTranspose/Gemm/MatMul without one, what onnxruntime's symbolic shape inference finds)."""
     skeleton = _skeleton(model)
     del skeleton.graph.value_info[:]
     by_name = {s.name: s for s in specs}
@@ -257,7 +257,7 @@ def model_stats(model: onnx.ModelProto, specs: list[InputSpec], shapes: dict | N
     shapes = shapes if shapes is not None else infer_shapes(model, specs)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer
                  if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
-    per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS + ("ConvTranspose",)}
+    per_node = {n.name: node_macs(n, shapes) for n in model.graph.node if n.op_type in MAC_OPS}
     return ModelStats(params=params, macs=sum(m or 0 for m in per_node.values()),
                       op_counts=Counter(n.op_type for n in model.graph.node), node_macs=per_node)
 
