@@ -60,14 +60,18 @@ def output_damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> flo
 def with_biases(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     """`model`, or a copy in which each named Conv without a bias reads one of zeros (a refit's
     intercept is then an input like its weight)."""
-    convs = [node for node in model.graph.node if node.name in set(nodes) and (len(node.input) < 3 or not node.input[2])]
-    if not convs:
+    wanted = set(nodes)
+
+    def unbiased(node) -> bool:
+        return node.name in wanted and (len(node.input) < 3 or not node.input[2])
+
+    if not any(unbiased(node) for node in model.graph.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     initializers = initializer_map(copy.graph)
     for node in copy.graph.node:
-        if node.name in {c.name for c in convs}:
+        if unbiased(node):
             weight = initializers[node.input[1]]
             name = f"{node.input[1]}_budget_bias"
             copy.graph.initializer.append(numpy_helper.from_array(

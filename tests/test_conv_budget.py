@@ -188,3 +188,16 @@ def test_a_latency_guard_revert_keeps_what_the_conv_budget_chose_and_measured(tm
     assert any(s.reason.startswith("reverted to dense") for s in report.plan.skipped)
     assert report.structured_budget and report.structured_budget["target_speedup"] == 1.2
     assert ("--target-speedup 1.2 missed" in " ".join(report.failures)) == (not report.structured_budget["met"])
+
+
+def test_with_biases_gives_bias_free_convs_a_zero_bias_and_leaves_the_rest():
+    from gkp_onnx.passes.conv_budget import with_biases
+
+    model = TOPOLOGIES["no_bias"]()
+    nodes = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    biased = with_biases(model, nodes[:1])
+    assert [len(n.input) for n in biased.graph.node] == [3, 2] and [len(n.input) for n in model.graph.node] == [2, 2]
+    feed = random_feed(model)
+    np.testing.assert_array_equal(run(biased, feed)[0], run(model, feed)[0])
+    chain = TOPOLOGIES["chain"]()  # its Convs have biases: nothing to add, no copy
+    assert with_biases(chain, ["conv1"]) is chain and with_biases(biased, nodes[:1]) is biased
